@@ -1,0 +1,40 @@
+# Thin targets over the project's own tools. Every target creates .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test check lint types unit fmt clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  echo "error: '$(PYTHON) -m venv' failed. On Debian/Ubuntu: sudo apt-get install python3-venv" >&2; \
+	  rm -rf $(VENV); exit 1; }
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=strict
+	@touch $@
+
+## demo: the main job on simulated devices
+demo: $(STAMP)
+	$(BIN)/vfmig inspect 'sim:demo,size=4MiB,flags=stop-copy+p2p+pre-copy'
+
+## test: lint, type check and the whole test suite (what CI runs)
+test: check unit
+
+check: lint types
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+types: $(STAMP)
+	$(BIN)/mypy -p vfmig
+
+unit: $(STAMP)
+	$(BIN)/pytest
+
+fmt: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build .cache .mypy_cache .pytest_cache .ruff_cache .hypothesis *.egg-info

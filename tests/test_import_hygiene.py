@@ -1,0 +1,58 @@
+"""What each layer must *not* load, checked in a fresh interpreter per import (ADR 0001).
+
+A subprocess per case, started from a neutral directory, so neither this test process nor the
+repository root on sys.path can hide a bad import.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+FORBIDDEN_EVERYWHERE = ("protocol", "tui")
+
+CASES = {
+    "vfmig.core.fsm": ("trio", "textual", "msgpack", "zstandard", "vfmig.device", "vfmig.engine"),
+    "vfmig.core.errors": ("trio", "textual", "msgpack", "zstandard"),
+    "vfmig.device.backend": ("trio", "textual", "vfmig.engine"),
+    "vfmig.protocol": ("trio", "textual", "socket", "threading", "vfmig.core", "vfmig.engine"),
+    "vfmig.cli.main": ("textual", "trio"),
+}
+
+
+def loaded_after_import(module: str, tmp_path: object) -> set[str]:
+    code = f"import sys, {module}; print('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True, check=True
+    )
+    return set(out.stdout.split())
+
+
+@pytest.mark.parametrize("module", sorted(CASES))
+def test_module_does_not_load_forbidden(module: str, tmp_path: object) -> None:
+    loaded = loaded_after_import(module, tmp_path)
+    forbidden = CASES[module] + FORBIDDEN_EVERYWHERE
+    bad = sorted(name for name in loaded if name.split(".")[0] in forbidden or name in forbidden)
+    bad += sorted(
+        name for name in loaded for f in forbidden if "." in f and name.startswith(f + ".")
+    )
+    assert not bad, f"importing {module} loaded {bad}"
+
+
+@pytest.mark.parametrize("name", FORBIDDEN_EVERYWHERE)
+def test_no_top_level_package(name: str, tmp_path: object) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", f"import {name}"], cwd=str(tmp_path), capture_output=True, text=True
+    )
+    assert result.returncode != 0, f"a top-level '{name}' is importable"
+    assert name not in sys.modules
+
+
+def test_installed_names() -> None:
+    import vfmig.protocol
+    import vfmig.tui
+
+    assert vfmig.protocol.__name__ == "vfmig.protocol"
+    assert vfmig.tui.__name__ == "vfmig.tui"

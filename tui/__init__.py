@@ -1,0 +1,1 @@
+"""vfmig.tui: the terminal dashboard (installed from tui/ as vfmig.tui)."""

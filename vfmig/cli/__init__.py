@@ -1,0 +1,1 @@
+"""The ``vfmig`` command line: one module per subcommand."""

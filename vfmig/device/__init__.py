@@ -1,0 +1,1 @@
+"""Devices: the synchronous, kernel-facing side (real VFIO devices and the simulated device)."""
