@@ -1,0 +1,135 @@
+"""The migration debugfs view of a device: ``<debugfs>/vfio/<dev>/migration/{state,features}``.
+
+Theory of operation
+-------------------
+Since 6.8 (``CONFIG_VFIO_DEBUGFS``) the vfio core exposes, per migratable device,
+a ``state`` file holding the uAPI name of the current state, and since 6.18 a
+``features`` file listing ``stop-copy``, ``p2p``, ``pre-copy``,
+``dirty-tracking``. Reading ``state`` takes the driver's state mutex, so a stuck
+driver makes the read block forever: every read here runs in a daemon thread
+and is abandoned after a timeout (it changes nothing, so abandoning is safe).
+The engine calls these from its own worker thread with its own limiter.
+
+The simulated device writes the same files into a tree of its own and hands out
+a reader rooted there, so both backends go through this one reader.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno as _errno
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from vfmig.core.fsm import DeviceState
+
+#: Where debugfs is mounted on a normal host.
+DEFAULT_ROOT = Path("/sys/kernel/debug")
+
+#: How long a debugfs read may take before it is abandoned (the driver is presumed stuck).
+DEFAULT_TIMEOUT = 2.0
+
+
+class Availability(enum.Enum):
+    OK = "ok"
+    NOT_MOUNTED = "debugfs is not mounted"
+    NO_VFIO = "debugfs has no vfio directory (kernel built without CONFIG_VFIO_DEBUGFS?)"
+    NO_DEVICE = "debugfs has no migration directory for this device"
+    NO_PERMISSION = "debugfs is not readable (root needed)"
+
+
+@dataclass(frozen=True, slots=True)
+class DebugfsReading:
+    """One read of the ``state`` file.
+
+    ``state`` is None when the file could not give a state: ``raw`` then says why
+    (``Invalid`` from the kernel, an errno name, ``timeout``, or the availability problem).
+    """
+
+    state: DeviceState | None
+    raw: str
+
+
+class DebugfsTimeout(Exception):
+    """A debugfs read did not return in time; its thread was abandoned."""
+
+
+def _read_with_timeout(path: Path, timeout: float) -> str:
+    result: list[str | BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(path.read_text())
+        except BaseException as exc:  # handed to the caller below
+            result.append(exc)
+
+    thread = threading.Thread(target=target, name=f"debugfs:{path}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not result:
+        raise DebugfsTimeout(f"{path}: no answer in {timeout:g} s (driver stuck on its lock?)")
+    value = result[0]
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+class DebugfsReader:
+    """Reads one device's migration debugfs files."""
+
+    def __init__(self, device_name: str, root: Path = DEFAULT_ROOT) -> None:
+        self.device_name = device_name
+        self.root = root
+
+    @property
+    def directory(self) -> Path:
+        return self.root / "vfio" / self.device_name / "migration"
+
+    def availability(self) -> Availability:
+        """Why the state file cannot be read, or OK."""
+        if not self.root.is_dir() or not any(self._safe_iterdir(self.root)):
+            return Availability.NOT_MOUNTED
+        if not os.access(self.root, os.R_OK | os.X_OK):
+            return Availability.NO_PERMISSION
+        if not (self.root / "vfio").is_dir():
+            return Availability.NO_VFIO
+        if not (self.directory / "state").is_file():
+            return Availability.NO_DEVICE
+        return Availability.OK
+
+    @staticmethod
+    def _safe_iterdir(path: Path) -> list[Path]:
+        try:
+            return list(path.iterdir())
+        except OSError:
+            return []
+
+    def read_state(self, timeout: float = DEFAULT_TIMEOUT) -> DebugfsReading:
+        """The device state as debugfs sees it; never raises, never blocks past ``timeout``."""
+        available = self.availability()
+        if available is not Availability.OK:
+            return DebugfsReading(None, available.value)
+        try:
+            text = _read_with_timeout(self.directory / "state", timeout).strip()
+        except DebugfsTimeout:
+            return DebugfsReading(None, "timeout")
+        except OSError as exc:
+            code = exc.errno if exc.errno is not None else _errno.EIO
+            return DebugfsReading(None, _errno.errorcode.get(code, str(code)))
+        try:
+            return DebugfsReading(DeviceState[text], text)
+        except KeyError:
+            return DebugfsReading(None, text)
+
+    def features(self, timeout: float = DEFAULT_TIMEOUT) -> frozenset[str] | None:
+        """The ``features`` lines (6.18+), or None where the kernel has no such file."""
+        path = self.directory / "features"
+        if not path.is_file():
+            return None
+        try:
+            text = _read_with_timeout(path, timeout)
+        except (OSError, DebugfsTimeout):
+            return None
+        return frozenset(line.strip() for line in text.splitlines() if line.strip())
