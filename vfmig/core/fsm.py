@@ -24,6 +24,12 @@ Three things sit on top of the transcription, none of which changes it:
 * :func:`plan`: one call that combines the kernel's answer, vfmig's refusals
   and the data-fd bookkeeping into a :class:`Plan` a caller acts on.
 
+:func:`kernel_refusal` says in words why the kernel answers EINVAL, and
+:func:`driver_arcs` lists the single arcs a driver with given flags executes
+(what ``vfmig fsm --dot`` draws). tests/core/test_fsm_kernel.py compiles the
+kernel's own function from Debian's 6.12 source and compares it with
+:func:`path` for every flag set, current state and target 0..8.
+
 Pure: no I/O, no clock, stdlib only.
 """
 
@@ -206,7 +212,8 @@ def path(cur: DeviceState, new: int, flags: MigrationFlags) -> KernelPath:
     """Every state the kernel passes through when asked to go from ``cur`` to ``new``.
 
     Mirrors the drivers' ``while (cur != new)`` loop: equal states succeed without consulting
-    the table (even ERROR -> ERROR), otherwise one :func:`next_state` per step.
+    the table (even ERROR -> ERROR), otherwise one :func:`next_state` per step. The table has
+    no cycles, so the loop ends within four steps (tested exhaustively, with a cap).
     """
     arcs: list[Arc] = []
     here = cur
@@ -216,38 +223,81 @@ def path(cur: DeviceState, new: int, flags: MigrationFlags) -> KernelPath:
             return KernelPath(arcs=(), errno=errno.EINVAL)
         arcs.append(Arc(here, step, arc_effect(here, step)))
         here = step
-        if len(arcs) > NUM_STATES:  # pragma: no cover - the table has no cycles (tested)
-            raise AssertionError(f"no termination from {cur.name} to {new}")
     return KernelPath(arcs=tuple(arcs), errno=None)
+
+
+def driver_arcs(flags: MigrationFlags) -> tuple[Arc, ...]:
+    """Every single arc the kernel can ask a driver with ``flags`` to execute, sorted.
+
+    The table's answers for every pair of states the device has, after the skip loop: the
+    "driver must implement" lists in the comment atop ``vfio_mig_get_next_state()``.
+    """
+    found: set[tuple[DeviceState, DeviceState]] = set()
+    for cur in DeviceState:
+        for new in DeviceState:
+            if cur != new and (step := next_state(cur, new, flags)) is not None:
+                found.add((cur, step))
+    return tuple(Arc(src, dst, arc_effect(src, dst)) for src, dst in sorted(found))
+
+
+def kernel_refusal(cur: DeviceState, new: int, flags: MigrationFlags) -> str | None:
+    """Why the (fixed) kernel answers this SET with EINVAL, or None when it does not.
+
+    The checks of ``vfio_mig_get_next_state()`` in its order: the current state (a device
+    in ERROR, or in a state its flags lack, trips a ``WARN_ON``), the target's range and
+    flags (ERROR needs ``~0U``: never satisfiable), then the table's ERROR entries, the
+    blocked arcs. ``path(cur, new, flags).errno`` is EINVAL exactly when this is not None.
+    """
+    if cur == new:
+        return None
+    if not supports(cur, flags):
+        if cur is _ER:
+            return "ERROR is not a valid current state: the kernel WARNs and refuses every SET"
+        missing = (REQUIRED_FLAGS[cur] or _F(0)) & ~flags
+        return (
+            f"{cur.name} needs {flag_names(missing)}: not a valid current state, the kernel WARNs"
+        )
+    if not 0 <= new < NUM_STATES:
+        return f"{new} is out of range: the states end at PRE_COPY_P2P ({NUM_STATES - 1})"
+    target = DeviceState(new)
+    if target is _ER:
+        return "ERROR cannot be requested: its state_flags_table entry (~0U) never matches"
+    if not supports(target, flags):
+        missing = (REQUIRED_FLAGS[target] or _F(0)) & ~flags
+        return f"{target.name} needs {flag_names(missing)}, which the device lacks"
+    if next_state(cur, target, flags) is None:
+        return (
+            f"{cur.name} -> {target.name} is a blocked arc (the table says ERROR): "
+            "EINVAL since the 2026 fix, an endless loop in the kernel before it"
+        )
+    return None
 
 
 def vfmig_refusal(cur: DeviceState, new: int, flags: MigrationFlags) -> str | None:
     """Why vfmig refuses to send this request at all, or None if it may be sent.
 
     vfmig sends nothing the kernel would refuse (so refusals are never "probed" on real
-    hardware), nothing that could hang an unfixed kernel, and never a SET to a device in
-    ERROR (the kernel WARNs; only VFIO_DEVICE_RESET leaves ERROR).
+    hardware), nothing that could hang an unfixed kernel (:data:`VFMIG_REFUSALS`), and never a
+    SET to a device in ERROR (the kernel WARNs; only VFIO_DEVICE_RESET leaves ERROR). A
+    request is refused here exactly when :func:`kernel_refusal` refuses it (tested), with
+    vfmig's reason; a blocked arc to a state the device lacks is refused for the lacking flag,
+    since such a request never reaches the kernel's loop.
     """
     if cur == new:
         return None
+    if cur is _ER:
+        return "the device is in ERROR: only a reset (VFIO_DEVICE_RESET) leaves it"
+    if not supports(cur, flags):
+        return f"the device reports {cur.name}, a state its flags do not allow"
     if not 0 <= new < NUM_STATES:
         return f"{new} is not a migration state (the uAPI has {NUM_STATES})"
     target = DeviceState(new)
-    if cur is _ER:
-        return "the device is in ERROR: only a reset (VFIO_DEVICE_RESET) leaves it"
     if target is _ER:
         return "ERROR cannot be requested: the device enters it only on a driver failure"
-    if (cur, target) in VFMIG_REFUSALS:
-        return VFMIG_REFUSALS[(cur, target)]
     if not supports(target, flags):
         missing = (REQUIRED_FLAGS[target] or _F(0)) & ~flags
         return f"the device lacks {flag_names(missing)}, which {target.name} needs"
-    if not supports(cur, flags):
-        return f"the device reports {cur.name}, a state its flags do not allow"
-    for arc in path(cur, target, flags).arcs:
-        if (arc.src, arc.dst) in VFMIG_REFUSALS:  # pragma: no cover - no path crosses them
-            return VFMIG_REFUSALS[(arc.src, arc.dst)]
-    return None
+    return VFMIG_REFUSALS.get((cur, target))
 
 
 @dataclass(frozen=True, slots=True)
