@@ -453,12 +453,15 @@ CONSTANTS: Final[dict[str, str]] = {
 
 _TOKEN = "2025, vf_token for cdev (Message-ID 0-v2-470f044801ef+a887e-vfio_token_jgg@nvidia.com)"
 _PASID = "6.15, ad744ed5dd8b 'vfio: VFIO_DEVICE_[AT|DE]TACH_IOMMUFD_PT support pasid'"
+_DMA_BUF = (
+    "6.19, vfio-pci dma-buf export (Message-ID 20251120-dmabuf-vfio-v9-0-d7f71607f371@nvidia.com)"
+)
 _REINIT = "7.1, d7140b5dde45 (Message-ID 20260224082019.25772-1-yishaih@nvidia.com)"
 
 #: Kernel items this module defines that Linux 6.12 lacks: kernel name (``struct.field`` for
 #: struct fields) -> where it comes from. A kernel older than that answers EINVAL/ENOTTY.
 SINCE: Final[dict[str, str]] = {
-    "VFIO_DEVICE_FEATURE_DMA_BUF": "6.19, vfio-pci dma-buf export (torvalds/linux 02256acf1e81)",
+    "VFIO_DEVICE_FEATURE_DMA_BUF": _DMA_BUF,
     "VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2": _REINIT,
     "VFIO_PRECOPY_INFO_REINIT": _REINIT,
     "VFIO_DEVICE_FEATURE_ZPCI_ERROR": "posted s390 zPCI error series (2026), in no release yet",
@@ -834,7 +837,9 @@ class _ProbeOnly(enum.Enum):
 PROBE_ONLY: Final = _ProbeOnly.PROBE_ONLY
 
 #: The payload of each feature for GET/SET: a :class:`Struct` type, None for a feature with no
-#: payload (SET only), or :data:`PROBE_ONLY` for features vfmig may only PROBE.
+#: payload (SET only), or :data:`PROBE_ONLY` for features vfmig may only PROBE (a GET of
+#: DMA_BUF creates a dma-buf fd, low power and bus master change the device, the VF token is
+#: the PF owner's business, ZPCI_ERROR's id is not settled upstream).
 FEATURE_PAYLOAD: Final[dict[FeatureId, type[Struct] | _ProbeOnly | None]] = {
     FeatureId.PCI_VF_TOKEN: PROBE_ONLY,
     FeatureId.MIGRATION: FeatureMigration,
