@@ -857,7 +857,7 @@ FEATURE_PAYLOAD: Final[dict[FeatureId, type[Struct] | _ProbeOnly | None]] = {
     FeatureId.ZPCI_ERROR: PROBE_ONLY,
 }
 
-P = TypeVar("P", bound=Struct)
+_P = TypeVar("_P", bound=Struct)
 
 _OPS: Final = frozenset(
     {
@@ -881,7 +881,7 @@ def _composite(payload: type[Struct]) -> type[Struct]:
 
 
 @dataclass(frozen=True, slots=True)
-class FeatureRequest(Generic[P]):
+class FeatureRequest(Generic[_P]):
     """A ready ``VFIO_DEVICE_FEATURE`` argument: ``fcntl.ioctl(fd, DeviceIoctl.FEATURE, r.buffer)``.
 
     ``payload`` is a live view into ``buffer``: read it after the ioctl for what the kernel
@@ -898,10 +898,10 @@ class FeatureRequest(Generic[P]):
         return ctypes.sizeof(self.buffer)
 
     @property
-    def payload(self) -> P:
+    def payload(self) -> _P:
         if isinstance(self.buffer, DeviceFeature):
             raise ValueError(f"{c_name(self.feature)} request carries no payload")
-        value: P = self.buffer.payload
+        value: _P = self.buffer.payload
         return value
 
     def __repr__(self) -> str:
@@ -917,7 +917,7 @@ class FeatureRequest(Generic[P]):
 @overload
 def feature_request(feature: FeatureId, op: int, payload: None = None) -> FeatureRequest[Any]: ...
 @overload
-def feature_request(feature: FeatureId, op: int, payload: P) -> FeatureRequest[P]: ...
+def feature_request(feature: FeatureId, op: int, payload: _P) -> FeatureRequest[_P]: ...
 def feature_request(
     feature: FeatureId, op: int, payload: Struct | None = None
 ) -> FeatureRequest[Any]:
