@@ -61,6 +61,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser = sub.add_parser(
         "fsm",
         help="the kernel's migration state machine",
+        usage="vfmig fsm [-h] [--json | --dot] [--flags FLAGS] [path FROM TO [--json]]",
         description="The kernel's VFIO migration v2 state machine: every request's path for "
         "every flag set (a grid, --json or --dot), or one request explained (fsm path).",
     )
@@ -185,9 +186,9 @@ def table(flag_sets: tuple[MigrationFlags, ...] = fsm.FLAG_SETS) -> list[dict[st
 
 def cell(cur: DeviceState, new: DeviceState, flags: MigrationFlags) -> str:
     """One grid cell: the steps (``RP>ST>SC``), ``*`` if the SET returns a new data fd."""
-    result = fsm.plan(cur, new, flags)
     if cur == new:
         return "="
+    result = fsm.plan(cur, new, flags)
     if result.kernel.errno is not None:
         blocked = (cur, new) in fsm.VFMIG_REFUSALS and fsm.supports(new, flags)
         return "blocked" if blocked else "-"
@@ -260,7 +261,7 @@ def dot(flags: MigrationFlags) -> str:
 
 
 def explain(cur: DeviceState, new: int, flags: MigrationFlags) -> dict[str, Any]:
-    """One request as data: the JSON result of ``fsm path`` and the source of its text."""
+    """One request as data: the result of ``fsm path --json``."""
     result = fsm.plan(cur, new, flags)
     opens = {ArcEffect.OPENS_SAVING: "saving", ArcEffect.OPENS_RESUMING: "resuming"}
     return {
@@ -280,6 +281,7 @@ def explain(cur: DeviceState, new: int, flags: MigrationFlags) -> dict[str, Any]
 
 
 def explain_text(cur: DeviceState, new: int, flags: MigrationFlags) -> list[str]:
+    """One request for a person: the kernel's arcs and data fd, or its refusal; vfmig's."""
     result = fsm.plan(cur, new, flags)
     arcs = result.kernel.arcs
     lines = [f"{cur.name} -> {state_name(new)} on a device with {fsm.flag_names(flags)}"]
@@ -315,7 +317,7 @@ def explain_text(cur: DeviceState, new: int, flags: MigrationFlags) -> list[str]
 
 
 def run_path(args: argparse.Namespace, env: Environment) -> int:
-    as_json = getattr(args, "json", False)
+    as_json: bool = args.json
     try:
         flags = parse_flags(args.flags)
         cur = DeviceState(parse_state(args.from_state, role="current"))

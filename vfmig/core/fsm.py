@@ -196,7 +196,8 @@ class KernelPath:
 
     ``arcs`` is empty for a no-op (``cur == new``) and for a refusal; ``errno`` is None on
     success. The kernel refuses before the first step: every refusal depends only on the
-    target and the flags, or on the first table lookup (tested exhaustively).
+    current state, the target and the flags, or on the first table lookup (tested
+    exhaustively, and against the compiled kernel function).
     """
 
     arcs: tuple[Arc, ...]
