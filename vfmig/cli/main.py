@@ -8,6 +8,8 @@ exit status of its class; anything else is a bug, shown as one line unless ``--d
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import traceback
 from typing import TYPE_CHECKING
@@ -54,6 +56,13 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
     except KeyboardInterrupt:
         print("vfmig: interrupted", file=env.stderr)
         return int(ExitStatus.INTERRUPTED)
+    except BrokenPipeError:
+        # The reader went away (`vfmig fsm --json | head`): not an error worth a message.
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, sys.stdout.fileno())
+        return int(ExitStatus.OK)
     except Exception as exc:  # a bug: say so in one line, full story with --debug
         if args.debug:
             traceback.print_exc(file=env.stderr)
