@@ -15,14 +15,14 @@ import traceback
 from typing import TYPE_CHECKING
 
 from vfmig import __version__
-from vfmig.cli import fsm
+from vfmig.cli import devices, fsm
 from vfmig.cli.context import Environment
 from vfmig.core.errors import ExitStatus, VfmigError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-SUBCOMMANDS = (fsm,)
+SUBCOMMANDS = (fsm, devices)
 
 
 def build_parser() -> argparse.ArgumentParser:
