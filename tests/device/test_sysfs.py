@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from vfmig.core.fsm import MigrationFlags
 from vfmig.device import sysfs
+from vfmig.device.debugfs import Availability, DebugfsReader
 from vfmig.device.kernel import RealKernel
 from vfmig.device.sysfs import HostPaths
 
 if TYPE_CHECKING:
-    from pathlib import Path
+    from collections.abc import Iterator
 
 MDEV_UUID = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
 
@@ -329,3 +331,23 @@ def test_debugfs_absent_means_unknown(tree: Tree) -> None:
     assert info.supported is None
     assert info.flags_text == "unknown"
     assert info.state is None
+
+
+def test_unreadable_debugfs_is_no_permission_not_unmounted(
+    tree: Tree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree.debugfs("0000:3b:00.1", state="RUNNING", features=None)
+    reader = DebugfsReader("0000:3b:00.1", tree.host.debugfs)
+    assert reader.availability() is Availability.OK
+    # What a normal user meets on the mode-0700 debugfs root: no access, no listing.
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    listing = Path.iterdir
+
+    def iterdir(path: Path) -> Iterator[Path]:
+        if path == tree.host.debugfs:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return listing(path)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    assert reader.availability() is Availability.NO_PERMISSION
+    assert reader.read_state().raw == Availability.NO_PERMISSION.value

@@ -89,10 +89,14 @@ class DebugfsReader:
 
     def availability(self) -> Availability:
         """Why the state file cannot be read, or OK."""
-        if not self.root.is_dir() or not any(self._safe_iterdir(self.root)):
+        if not self.root.is_dir():
             return Availability.NOT_MOUNTED
+        # Before the emptiness check: a mounted debugfs is mode 0700, and listing it as a
+        # normal user fails like an empty (unmounted) directory would.
         if not os.access(self.root, os.R_OK | os.X_OK):
             return Availability.NO_PERMISSION
+        if not any(self._safe_iterdir(self.root)):
+            return Availability.NOT_MOUNTED
         if not (self.root / "vfio").is_dir():
             return Availability.NO_VFIO
         if not (self.directory / "state").is_file():
