@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint types unit fmt clean
+.PHONY: demo test check lint types unit test-kernel fmt clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -31,6 +31,11 @@ types: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest
+
+## test-kernel: only the real-kernel tier: Debian's 6.12 under QEMU, tests/kernel in the guest
+## (docs/kernel-tier.md; 'make test' runs it too). ARGS='-k uapi' picks guest tests.
+test-kernel: $(STAMP)
+	$(BIN)/python tests/kernel/harness.py $(if $(ARGS),-- tests/kernel $(ARGS))
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .
