@@ -15,7 +15,6 @@ from vfmig.core.fsm import flag_names
 from vfmig.device import sysfs
 from vfmig.device.kernel import RealKernel
 from vfmig.device.sysfs import HostPaths
-from vfmig.device.vfio import open_sysfs_device
 
 if TYPE_CHECKING:
     import argparse
@@ -56,6 +55,8 @@ def probe(
         return {"probed": False, "reason": "held"}
     if held.status == "unknown":
         return {"probed": False, "reason": "holders unknown (run as root)"}
+    from vfmig.device.vfio import open_sysfs_device  # the ctypes uAPI only when probing
+
     try:
         with open_sysfs_device(dev, host=host, kernel=kernel) as device:
             return {
