@@ -1,12 +1,14 @@
 """Fixtures of the real-kernel tier (docs/kernel-tier.md).
 
-Two kinds of test live here:
+Three kinds of test live here:
 
 * ``test_guest_*.py`` run **inside** the guest that ``harness.py`` boots. guest-setup.sh
   describes the guest in a JSON file named by ``VFMIG_KERNEL_GUEST``; without it the
   ``guest`` fixture skips (they are not meant for the host).
 * ``test_vm_tier.py`` runs on the **host**: it runs the harness once and fails with the
   guest's pytest summary when the guest run failed.
+* ``test_harness.py`` checks the harness's pieces that need no apt, build or QEMU (the
+  ``harness`` fixture loads harness.py as a module); it runs anywhere.
 
 ``test_guest_kernel_log.py`` judges what every other test did to the kernel, so it is
 moved to the end of the run.
@@ -14,8 +16,10 @@ moved to the end of the run.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +27,7 @@ import pytest
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from types import ModuleType
 
 #: The mdevs guest-setup.sh creates, in order: mtty-2 -> mtty-2 migrates, mtty-2 -> mtty-1 fails.
 MDEV_TYPES = ("mtty-2", "mtty-2", "mtty-1")
@@ -55,6 +60,19 @@ def mdev(request: pytest.FixtureRequest, guest: dict[str, Any]) -> tuple[str, st
     device = guest["mdevs"][request.param]
     assert device["type"] == MDEV_TYPES[request.param], guest["mdevs"]
     return device["uuid"], device["type"]
+
+
+@pytest.fixture(scope="session")
+def harness() -> ModuleType:
+    """tests/kernel/harness.py as a module, for testing its pieces without booting anything."""
+    name = "vfmig_kernel_tier_harness"
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("harness.py"))
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

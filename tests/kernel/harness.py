@@ -116,7 +116,9 @@ MODULES: dict[str, tuple[tuple[str, ...], str]] = {
 DEFAULT_TIMEOUT = 900.0  #: whole guest run (boot, setup, pytest, power-off), seconds
 DEFAULT_PYTEST_ARGS = ("tests/kernel", "-v")
 _KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\]")
-_SUMMARY_LINE = re.compile(r"^=*\s*(?P<body>(?:\d+ \w+(?:, )?)+ in [\d.]+s\b.*?)\s*=*$")
+_SUMMARY_LINE = re.compile(
+    r"^=*\s*(?P<body>(?:(?:\d+ \w+(?:, )?)+|no tests ran) in [\d.]+s\b.*?)\s*=*$"
+)
 
 
 class Exit(enum.IntEnum):
