@@ -1033,3 +1033,19 @@ def test_open_vfio_device_from_a_spec_with_options(host: Host) -> None:
     by_path = parse_spec("vfio:/sys/bus/pci/devices/0000:3b:00.1,vf-token=" + str(TOKEN))
     with vfio.open_vfio_device(by_path, kernel=host.kernel, host=host.paths) as device:
         assert device.access.startswith("cdev ")
+
+
+def test_devices_opened_without_a_kernel_share_the_process_kernel_and_group(
+    host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host.pci("0000:3b:00.0", group="7")
+    host.pci("0000:3b:00.1", group="7")
+    monkeypatch.setattr(vfio, "REAL_KERNEL", host.kernel)  # stands in for this process's kernel
+    first = vfio.open_sysfs_device(host.sysfs("0000:3b:00.0"), host=host.paths)
+    second = vfio.open_sysfs_device(host.sysfs("0000:3b:00.1"), host=host.paths)
+    assert first.kernel is second.kernel is host.kernel
+    assert host.kernel.log.count("open /dev/vfio/7") == 1
+    assert host.kernel.log.count("ioctl container VFIO_SET_IOMMU") == 1
+    first.close()
+    second.close()
+    assert host.kernel.fds == {}

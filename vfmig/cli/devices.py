@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from vfmig.core.errors import DeviceError, errno_name
 from vfmig.core.fsm import flag_names
 from vfmig.device import sysfs
-from vfmig.device.kernel import RealKernel
+from vfmig.device.kernel import REAL_KERNEL
 from vfmig.device.sysfs import HostPaths
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ def run(
     kernel: Kernel | None = None,
 ) -> int:
     host = host or HostPaths()
-    kernel = kernel or RealKernel()
+    kernel = kernel or REAL_KERNEL
     if args.probe and not args.json:
         print(f"note: {PROBE_NOTE}", file=env.stderr)
     rows = collect(host, kernel, with_probe=args.probe)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -133,3 +133,9 @@ class RealKernel:
     def read_text(self, path: StrPath) -> str:
         with open(path, encoding="utf-8", errors="replace") as f:
             return f.read()
+
+
+#: This process's RealKernel. Code that opens devices defaults to it rather than to a new
+#: instance, so state kept per Kernel (the VFIO groups this process holds, which every device
+#: of a group must share) is shared by all devices opened without an explicit kernel.
+REAL_KERNEL: Final = RealKernel()

@@ -63,7 +63,7 @@ from vfmig.device import _uapi as uapi
 from vfmig.device import sysfs
 from vfmig.device.backend import DataSession, Direction, MigrationDevice, PrecopyInfo
 from vfmig.device.debugfs import DebugfsReader
-from vfmig.device.kernel import RealKernel
+from vfmig.device.kernel import REAL_KERNEL
 from vfmig.device.sysfs import HostPaths, SysfsDevice
 
 if TYPE_CHECKING:
@@ -782,7 +782,7 @@ def open_sysfs_device(
     ``iommu`` forces the cdev or the group path; by default the cdev is preferred.
     """
     _check_bound(dev, dev.name)
-    opener = _Opener(dev, kernel or RealKernel(), host or HostPaths())
+    opener = _Opener(dev, kernel or REAL_KERNEL, host or HostPaths())
     return opener.open(token=vf_token, iommu=iommu)
 
 
@@ -791,7 +791,7 @@ def open_vfio_device(
 ) -> VfioDevice:
     """Open the device a ``vfio:ID[,vf-token=UUID][,iommu=cdev|group]`` spec names."""
     options = vfio_options(spec)
-    kernel = kernel or RealKernel()
+    kernel = kernel or REAL_KERNEL
     host = host or HostPaths()
     ident = spec.name
     dev = sysfs.find(ident, host, kernel)
