@@ -44,7 +44,7 @@ class FakeHostTree:
         (sys / "bus" / "pci" / "devices").mkdir(parents=True, exist_ok=True)
         os.symlink(real, sys / "bus" / "pci" / "devices" / address)
 
-    def mdev(self, uuid: str, *, group: str) -> None:
+    def mdev(self, uuid: str, *, group: str, cdev: str | None = None) -> None:
         sys = self.paths.sys
         parent = sys / "devices" / "virtual" / "mtty" / "mtty"
         real = parent / uuid
@@ -53,8 +53,16 @@ class FakeHostTree:
         self._link(real / "mdev_type", parent / "mdev_supported_types" / "mtty-2")
         self._link(real / "driver", sys / "bus" / "mdev" / "drivers" / "mtty")
         self._group(real, uuid, group)
+        if cdev is not None:
+            (real / "vfio-dev" / cdev).mkdir(parents=True)
         (sys / "bus" / "mdev" / "devices").mkdir(parents=True, exist_ok=True)
         os.symlink(real, sys / "bus" / "mdev" / "devices" / uuid)
+
+    def node(self, canonical: str) -> None:
+        """Create a device node such as ``/dev/vfio/devices/vfio0`` (an empty file here)."""
+        path = self.paths.dev_node(canonical)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
 
     def process(self, pid: int, command: str, targets: list[str]) -> None:
         fd_dir = self.paths.proc / str(pid) / "fd"

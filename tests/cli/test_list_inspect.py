@@ -106,7 +106,8 @@ def populated(host_tree: Any) -> Any:
     host_tree.pci("0000:3b:00.0", driver="mlx5_core", group="11")
     host_tree.pci("0000:3b:00.1", driver="mlx5_vfio_pci", group="12", cdev="vfio0")
     host_tree.pci("0000:3b:00.2", driver="vfio-pci", group="13")
-    host_tree.mdev(MDEV, group="20")
+    host_tree.node("/dev/vfio/devices/vfio0")
+    host_tree.mdev(MDEV, group="20", cdev="vfio1")  # no /dev/vfio/devices/vfio1, as on 6.12
     host_tree.process(4242, "qemu-system-x86", ["/dev/vfio/vfio", "/dev/vfio/12"])
     host_tree.debugfs("0000:3b:00.1", state="PRE_COPY", features=["stop-copy", "p2p", "pre-copy"])
     host_tree.debugfs(MDEV, state="RUNNING")
@@ -158,6 +159,8 @@ def test_list_json(populated: Any) -> None:
     rows = {row["device"]: row for row in envelope["result"]["devices"]}
     assert set(rows) == {"0000:3b:00.1", "0000:3b:00.2", MDEV}
     vf = rows["0000:3b:00.1"]
+    assert (vf["cdev"], vf["cdev_node"]) == ("vfio0", True)
+    assert (rows[MDEV]["cdev"], rows[MDEV]["cdev_node"]) == ("vfio1", False)
     assert vf["held"] == "yes"
     assert vf["holders"] == [{"pid": 4242, "command": "qemu-system-x86"}]
     assert (vf["migration"], vf["migration_source"], vf["state"]) == (

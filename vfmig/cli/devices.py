@@ -83,6 +83,8 @@ def collect(host: HostPaths, kernel: Kernel, *, with_probe: bool) -> list[dict[s
             "driver": dev.driver,
             "iommu_group": dev.iommu_group,
             "cdev": dev.cdev,
+            # vfio-dev/vfioN is in sysfs for every VFIO device; the node needs VFIO_DEVICE_CDEV
+            "cdev_node": dev.cdev_node is not None and kernel.exists(host.dev_node(dev.cdev_node)),
             "physfn": dev.physfn,
             "parent": dev.parent,
             "held": held.status,
@@ -117,7 +119,7 @@ def _table(rows: list[dict[str, Any]], *, with_probe: bool) -> list[str]:
             row["description"],
             row["driver"] or "-",
             row["iommu_group"] or "-",
-            row["cdev"] or "-",
+            row["cdev"] if row["cdev_node"] else "-",
             held,
             row["migration"],
             row["state"] or "-",

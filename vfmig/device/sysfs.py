@@ -8,8 +8,9 @@ listing must not. Everything comes from files anyone (or root) can read:
 * ``<sys>/bus/pci/devices/<bdf>`` and ``<sys>/bus/mdev/devices/<uuid>``: a device's
   ``driver`` link (vfio-pci, a variant driver such as ``mlx5_vfio_pci``, or the mdev
   parent's driver), its ``iommu_group`` link (the ``/dev/vfio/N`` of the group path),
-  its ``vfio-dev/vfioN`` directory (the ``/dev/vfio/devices/vfioN`` of the cdev path),
-  ``physfn`` for an SR-IOV VF and ``mdev_type`` for an mdev;
+  its ``vfio-dev/vfioN`` directory (every VFIO device has one; the cdev path's
+  ``/dev/vfio/devices/vfioN`` node exists only with ``VFIO_DEVICE_CDEV``: Debian's 6.12
+  has the directory but not the node), ``physfn`` for an SR-IOV VF and ``mdev_type`` for an mdev;
 * ``<sys>/kernel/iommu_groups/N/devices``: the other members of a group, whose
   drivers decide whether the group is *viable* (usable from user space);
 * ``<proc>/*/fd``: which processes hold ``/dev/vfio/N`` or ``/dev/vfio/devices/vfioN``
@@ -117,14 +118,14 @@ class SysfsDevice:
     path: Path  #: the resolved sysfs directory
     driver: str | None  #: bound driver, None when unbound
     iommu_group: str | None  #: group number (``/dev/vfio/N``), None without an IOMMU group
-    cdev: str | None  #: ``vfioN`` when the device has a VFIO cdev (``/dev/vfio/devices/vfioN``)
+    cdev: str | None  #: ``vfioN`` of ``vfio-dev/`` (its node: ``/dev/vfio/devices/vfioN``)
     description: str  #: ``vendor:device`` ids for PCI, the mdev type for an mdev
     physfn: str | None = None  #: the PF's address when this is an SR-IOV VF
     parent: str | None = None  #: the parent device of an mdev
 
     @property
     def is_vfio(self) -> bool:
-        """Bound to a VFIO driver: vfio-pci or a variant, any mdev driver, or has a VFIO cdev."""
+        """Bound to a VFIO driver: vfio-pci or a variant, any mdev driver, or has ``vfio-dev/``."""
         if self.cdev is not None:
             return True
         if self.bus == "mdev":
