@@ -54,6 +54,10 @@ echo "[guest] $(uname -r): modules loaded, mdevs ${mdevs[*]}"
 mark ready
 
 cd "$REPO" || fail "cd $REPO"
+python="$REPO/.venv/bin/python"
+# The guest sees the host's files with the rights of the user running QEMU on the host.
+"$python" -c "" 2>/dev/null ||
+  fail "$python does not run in the guest (missing, or outside what the host user can read)"
 # The checkout is read-only here: no bytecode, no pytest cache. -P keeps the checkout off
 # sys.path (top-level protocol/ and tui/ must never be importable). Plugins are not
 # autoloaded: under TCG importing hypothesis takes ~15 s and trio ~6 s, and the tier's tests
@@ -61,7 +65,7 @@ cd "$REPO" || fail "cd $REPO"
 export PYTHONDONTWRITEBYTECODE=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
 export VFMIG_KERNEL_GUEST="$run/guest.json"
 if [ -n "$CI" ]; then export CI; else unset CI; fi
-"$REPO/.venv/bin/python" -P -m pytest -p no:cacheprovider --junitxml="$run/junit.xml" \
+"$python" -P -m pytest -p no:cacheprovider --junitxml="$run/junit.xml" \
   "${PYTEST_ARGS[@]}" 2>&1 | tee "$run/pytest.log"
 status=${PIPESTATUS[0]}
 mark done

@@ -588,6 +588,7 @@ def vng_command(vng: Path, image: Path, rundir: Path, *, kvm: bool) -> list[str]
         "--memory", os.environ.get("VFMIG_KERNEL_MEMORY", "1G"),
         "--rwdir", str(rundir),
         "--force-9p",  # QEMU 7.2's C virtiofsd is found but fails: 3 s of retries per export
+        "--user", "root",  # the guest loads modules, whoever runs the harness on the host
         "--exec", f"bash {shlex.quote(str(GUEST_SCRIPT))} {shlex.quote(str(rundir))}",
     ]  # fmt: skip
     if not kvm:
