@@ -58,11 +58,20 @@ class SpecError(UsageError):
     """A device spec that does not parse; the message names the offending part."""
 
 
+#: Names the kernel uses where Python's errorcode picks an alias of the same number.
+_KERNEL_NAMES = {
+    _errno.EOPNOTSUPP: "EOPNOTSUPP",
+    _errno.EAGAIN: "EAGAIN",
+    _errno.EDEADLK: "EDEADLK",
+}
+
+
 def errno_name(code: int | None) -> str:
-    """``EINVAL`` for 22; ``errno 4242`` for unknown codes; ``-`` for None."""
+    """``EINVAL`` for 22; the kernel's spelling for aliases (``EOPNOTSUPP``, not ``ENOTSUP``);
+    ``errno 4242`` for unknown codes; ``-`` for None."""
     if code is None:
         return "-"
-    return _errno.errorcode.get(code, f"errno {code}")
+    return _KERNEL_NAMES.get(code) or _errno.errorcode.get(code, f"errno {code}")
 
 
 class DeviceError(VfmigError):
