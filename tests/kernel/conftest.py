@@ -102,6 +102,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.line(f"  guest {line}")
     if outcome["kernel"]:
         times = ", ".join(f"{name} {value:g} s" for name, value in outcome["timings"].items())
-        terminalreporter.line(f"Linux {outcome['kernel']} ({outcome['accel']}): {times}")
+        build, accel = outcome["build"], outcome["accel"]
+        terminalreporter.line(f"Linux {outcome['kernel']} ({build}, {accel}): {times}")
     if outcome["run_dir"]:
         terminalreporter.line(f"logs: {outcome['run_dir']}")

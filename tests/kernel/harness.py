@@ -647,7 +647,7 @@ class Outcome:
     summary: str = ""  #: pytest's closing line in the guest
     failures: list[str] = field(default_factory=list)  #: FAILED/ERROR lines of the guest run
     kernel: str = ""  #: ``<kver> (<Debian version>)``
-    pinned: bool = True
+    build: str = ""  #: "pinned", or why another build was taken
     accel: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     run_dir: str = ""
@@ -716,7 +716,8 @@ def run_tier(outcome: Outcome, pytest_args: Sequence[str], *, timeout: float, ec
 
         check_platform()
         kernel = choose_kernel(tier)
-        outcome.kernel, outcome.pinned = f"{kernel.kver} ({kernel.version})", kernel.pinned
+        outcome.kernel = f"{kernel.kver} ({kernel.version})"
+        outcome.build = "pinned" if kernel.pinned else f"pinned {pinned_kernel().version} is gone"
         base = tier / kernel.kver
         ensure_host_packages([*HOST_PACKAGES, compiler_package(kernel, base)])
         vng = ensure_virtme()
@@ -788,9 +789,8 @@ def report(outcome: Outcome) -> None:
     if outcome.hint:
         log(f"  hint: {outcome.hint}")
     if outcome.kernel:
-        build = "pinned" if outcome.pinned else f"fallback from pinned {PINNED_VERSION}"
         times = ", ".join(f"{name} {value:g} s" for name, value in outcome.timings.items())
-        log(f"Linux {outcome.kernel} ({build}), {outcome.accel or 'not booted'}; {times}")
+        log(f"Linux {outcome.kernel} ({outcome.build}), {outcome.accel or 'not booted'}; {times}")
 
 
 if __name__ == "__main__":
