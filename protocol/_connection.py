@@ -42,6 +42,7 @@ from ._codec import (
     Auth,
     EndOfStreamFrame,
     Hello,
+    Packer,
     Ready,
     check_value,
     chunk_header,
@@ -49,7 +50,6 @@ from ._codec import (
     decode_fields,
     encode_fields,
     message_name,
-    pack,
     unpack_map,
 )
 from ._config import SUPPORTED_VERSIONS, Config
@@ -151,6 +151,7 @@ class Connection:
         self._sm = StateMachine()
         self._error: ProtocolError | None = None
         self._out = bytearray()
+        self._packer = Packer()
         self._reader = FrameReader(self._admit)
         self._nonce = nonce if nonce is not None else new_nonce()
 
@@ -196,7 +197,7 @@ class Connection:
             max_frame=config.max_control_frame_size,
             features=sorted(config.features),
         )
-        body = pack(encode_fields(hello))
+        body = self._packer.pack(encode_fields(hello))
         self._hello_frame = pack_header(SUPPORTED_VERSIONS[-1], Hello.TAG, len(body)) + body
         self._queue(self._hello_frame)
 
@@ -463,14 +464,14 @@ class Connection:
 
     def _seal(self, message: Message, fields: dict[str, Value] | None = None) -> bytes:
         """Frame a control message: plain before this side's Auth, MACed from Ready on."""
-        body = pack(encode_fields(message) if fields is None else fields)
+        body = self._packer.pack(encode_fields(message) if fields is None else fields)
         version = self._version if self._version is not None else SUPPORTED_VERSIONS[-1]
         if self._tx_mac is None:
             return pack_header(version, message.TAG, len(body)) + body
         length = SEQ_SIZE + len(body) + MAC_SIZE
         if length > self._peer_max_frame and not isinstance(message, Goodbye):
             raise LocalProtocolError(
-                f"a {type(message).__name__} frame of {length} bytes is above the peer's "
+                f"{_a(type(message).__name__)} frame of {length} bytes is above the peer's "
                 f"max_control_frame_size={self._peer_max_frame}",
                 code=ErrorCode.FRAME_TOO_LARGE,
                 limit="max_control_frame_size",
@@ -521,7 +522,7 @@ class Connection:
         who = self._peer_description()
         return LocalProtocolError(
             f"{message_name(tag)} from {who} {where}".rstrip()
-            + ("" if where else f": a {PEER_ROLE[self.role]} may not send it"),
+            + ("" if where else f": {_a(PEER_ROLE[self.role])} may not send it"),
             code=ErrorCode.UNEXPECTED_MESSAGE,
         )
 
@@ -534,7 +535,7 @@ class Connection:
         tag = frame.tag
         if tag != Hello.TAG and self._version is not None and frame.version != self._version:
             raise LocalProtocolError(
-                f"a {message_name(tag)} frame in protocol version {frame.version}, but the "
+                f"{_a(message_name(tag))} frame in protocol version {frame.version}, but the "
                 f"session speaks version {self._version}",
                 code=ErrorCode.BAD_VERSION,
             )
@@ -567,13 +568,13 @@ class Connection:
         body = memoryview(frame.body)
         if len(body) < SEQ_SIZE + MAC_SIZE:
             raise LocalProtocolError(
-                f"a {message_name(frame.tag)} frame of {len(body)} bytes cannot hold a "
+                f"{_a(message_name(frame.tag))} frame of {len(body)} bytes cannot hold a "
                 "sequence number and a MAC",
                 code=ErrorCode.BAD_MESSAGE,
             )
         if not self._rx_mac.check(body[-MAC_SIZE:], frame.header, body[:-MAC_SIZE]):
             raise LocalProtocolError(
-                f"a {message_name(frame.tag)} control frame failed its MAC check: it was "
+                f"{_a(message_name(frame.tag))} control frame failed its MAC check: it was "
                 "altered or injected in transit",
                 code=ErrorCode.BAD_MAC,
             )
@@ -601,7 +602,7 @@ class Connection:
             )
         if hello.role not in PEER_ROLE.values() or Role(hello.role) is not PEER_ROLE[self.role]:
             raise LocalProtocolError(
-                f"{who} is not a {PEER_ROLE[self.role]}: a {self.role} cannot talk to it",
+                f"{who} is not {_a(PEER_ROLE[self.role])}: {_a(self.role)} cannot talk to it",
                 code=ErrorCode.ROLE_MISMATCH,
             )
         if hello.nonce == self._nonce:
@@ -771,7 +772,7 @@ class Connection:
     def _check_may_send(self, cls: type[Message]) -> None:
         if cls not in MAY_SEND[self.role]:
             raise LocalProtocolError(
-                f"a {self.role} may not send {cls.__name__}", code=ErrorCode.UNEXPECTED_MESSAGE
+                f"{_a(self.role)} may not send {cls.__name__}", code=ErrorCode.UNEXPECTED_MESSAGE
             )
         if not self._sm.may_send:
             raise self._state_error(cls)
@@ -800,6 +801,11 @@ class Connection:
             self._queue(self._seal(Goodbye(code=exc.code.value, reason=reason)))
         self._error = exc
         self._sm.process(Input.FAILED)
+
+
+def _a(word: str) -> str:
+    """``word`` with its indefinite article: "an agent", "a data-sender"."""
+    return ("an " if word[:1].lower() in "aeio" else "a ") + word
 
 
 def _versions(versions: list[int] | tuple[int, ...]) -> str:

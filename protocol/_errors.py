@@ -34,7 +34,6 @@ class ErrorCode(enum.StrEnum):
     BAD_MESSAGE = "bad_message"  #: undecodable, or a field missing or of the wrong shape
     LIMIT = "limit"  #: a msgpack length, nesting or count limit was exceeded
     UNEXPECTED_MESSAGE = "unexpected_message"  #: not allowed in this state or for this role
-    HANDSHAKE = "handshake"  #: a malformed or inconsistent handshake
     ROLE_MISMATCH = "role_mismatch"  #: the peer's role does not pair with ours
     AUTH_MODE_MISMATCH = "auth_mode_mismatch"  #: one side has a key, the other has none
     AUTH_FAILED = "auth_failed"  #: the peer does not know the shared key (or replayed)

@@ -86,7 +86,8 @@ def check_params(method: str, params: dict[str, Value]) -> None:
         if shape == "int":
             ok = type(value) is int
         if not ok:
-            raise _bad(method, f"parameter {name!r} must be a {shape}, got {type(value).__name__}")
+            got = type(value).__name__
+            raise _bad(method, f"parameter {name!r} must be msgpack {shape}, got {got}")
 
 
 def _bad(method: str, problem: str) -> LocalProtocolError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 
 from vfmig.protocol import (
@@ -22,7 +23,7 @@ from vfmig.protocol import (
     StreamEnded,
 )
 from vfmig.protocol import _connection as connection_module
-from vfmig.protocol._codec import Hello, chunk_header, encode_fields, pack
+from vfmig.protocol._codec import Hello, chunk_header, encode_fields
 from vfmig.protocol._framing import pack_header
 
 ORCH, AGENT, SENDER, RECEIVER = Role.ORCHESTRATOR, Role.AGENT, Role.DATA_SENDER, Role.DATA_RECEIVER
@@ -101,7 +102,7 @@ def test_a_no_key_peer_that_lies_about_its_mode_still_fails(key, nonces):
     transcript = transcript_hash(forged_hello, agent._hello_frame)
     for guess in (None, b"", b"k" * 32):  # the attacker's best guesses at the key
         proof = SessionKeys(guess, transcript, 1).proof("orchestrator")
-        body = pack(encode_fields(Auth(mac=proof)))
+        body = msgpack.packb(encode_fields(Auth(mac=proof)))
         victim = Connection(AGENT, Config(key=key), name="agent", nonce=agent._nonce)
         victim.receive_data(forged_hello)
         _raises(
@@ -136,13 +137,13 @@ def test_reflected_hello_fails(key):
     o = Connection(ORCH, Config(key=key), name="orch")
     own = o.data_to_send()
     err = _raises(ErrorCode.ROLE_MISMATCH, o.receive_data, own)
-    assert "orchestrator 'orch' is not a agent" in str(err)
+    assert "orchestrator 'orch' is not an agent" in str(err)
 
 
 def test_reflected_hello_with_forged_role_fails(key):
     o = Connection(ORCH, Config(key=key), name="orch")
     fields = {**_hello_fields(o), "role": "agent"}
-    body = pack(fields)
+    body = msgpack.packb(fields)
     err = _raises(ErrorCode.AUTH_FAILED, o.receive_data, pack_header(1, 1, len(body)) + body)
     assert "reflected" in str(err)
 
@@ -170,7 +171,7 @@ def test_nothing_but_the_handshake_before_authentication(key):
     o = Connection(ORCH, Config(key=key), name="orch")
     a = Connection(AGENT, Config(key=key), name="agent")
     a.receive_data(o.data_to_send())
-    request = pack({"id": 1, "method": "status", "params": {}})
+    request = msgpack.packb({"id": 1, "method": "status", "params": {}})
     err = _raises(
         ErrorCode.UNEXPECTED_MESSAGE,
         a.receive_data,
@@ -202,7 +203,7 @@ def test_a_goodbye_during_the_handshake_is_reported_with_the_peers_reason(key):
 
 
 def _plain_goodbye() -> bytes:
-    body = pack({"code": "auth_failed", "reason": "nope"})
+    body = msgpack.packb({"code": "auth_failed", "reason": "nope"})
     return pack_header(1, 0x12, len(body)) + body
 
 
@@ -347,7 +348,7 @@ def _hello(versions: list[int], nonce: bytes, role: str = "orchestrator") -> byt
         "features": ["something-new"],
         "field-from-the-future": [1, 2, 3],
     }
-    body = pack(fields)
+    body = msgpack.packb(fields)
     return pack_header(max(versions), Hello.TAG, len(body)) + body
 
 

@@ -250,7 +250,7 @@ def test_request_params_shapes(pair):
         Request(id=1, method="set_state", params={"device": "d", "state": "3"})
     )
     err = _remote(t.conn[AGENT].receive_data, bad, code=ErrorCode.BAD_PARAMS)
-    assert "'state' must be a int" in str(err)
+    assert "'state' must be msgpack int, got str" in str(err)
 
 
 def test_extra_params_are_ignored(pair):
