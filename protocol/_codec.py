@@ -430,7 +430,7 @@ def chunk_header(stream: int, seq: int, offset: int, raw_len: int, encoding: int
     return CHUNK_HEADER.pack(stream, seq, offset, raw_len, encoding)
 
 
-def decode_chunk(body: bytearray) -> DataChunk:
+def decode_chunk(body: bytes | memoryview) -> DataChunk:
     """Parse a DataChunk body; the payload is a read-only view (no copy)."""
     if len(body) < CHUNK_HEADER_SIZE:
         raise LocalProtocolError(
