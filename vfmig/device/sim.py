@@ -475,15 +475,16 @@ class SimDevice(MigrationDevice):
     def _dirty(self, count: int) -> None:
         if self._gens is None:
             self._gens = array("I", bytes(4 * self.pages))
-        gens = self._gens
+        gens, seed, pages = self._gens, self.seed, self.pages
         migf = self._migf
-        stream = migf.stream if migf is not None else None
-        for _ in range(count):
-            self._dirty_seq += 1
-            page = mix64(self.seed ^ self._dirty_seq) % self.pages
+        mark = migf.stream.mark_dirty if migf is not None and migf.stream is not None else None
+        first = self._dirty_seq + 1
+        self._dirty_seq += count
+        for sequence in range(first, first + count):
+            page = mix64(seed ^ sequence) % pages
             gens[page] = (gens[page] + 1) & 0xFFFF_FFFF or 1
-            if stream is not None:
-                stream.mark_dirty(page)
+            if mark is not None:
+                mark(page)
         self._gens_changed = True
 
     def read_pages(self, first: int, count: int) -> bytes:
@@ -491,20 +492,19 @@ class SimDevice(MigrationDevice):
         assert self._base is not None
         data = self._base.read(first, count)
         gens = self._gens
-        if gens is None or not any(gens[first : first + count]):
+        if gens is None:
+            return data
+        dirtied = [(index, gen) for index, gen in enumerate(gens[first : first + count]) if gen]
+        if not dirtied:
             return data
         view = memoryview(data)
-        pages: list[bytes | memoryview] = []
-        for index in range(count):
-            page = first + index
-            original = view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
-            generation = gens[page]
-            if generation:
-                pages.append(
-                    dirty_page(self._dirty_kind, self.seed, page, generation)[: len(original)]
-                )
-            else:
-                pages.append(original)
+        pages: list[bytes | memoryview] = [
+            view[offset : offset + PAGE_SIZE] for offset in range(0, len(data), PAGE_SIZE)
+        ]
+        kind, seed = self._dirty_kind, self.seed
+        for index, generation in dirtied:
+            page = dirty_page(kind, seed, first + index, generation)
+            pages[index] = page if len(pages[index]) == PAGE_SIZE else page[: len(pages[index])]
         return b"".join(pages)
 
     def _blocks(self) -> Iterator[bytes]:

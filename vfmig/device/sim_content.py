@@ -40,6 +40,7 @@ import struct
 from typing import TYPE_CHECKING, Final, Literal
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
 PAGE_SIZE: Final = 4096
@@ -69,6 +70,9 @@ _RING_BELOW: Final = 230
 _BLOCK_WORDS: Final = struct.Struct(f"<{BLOCK_PAGES}I")
 _STAMP_FORMAT: Final = struct.Struct("<QQ")
 _MASK64: Final = (1 << 64) - 1
+_GOLDEN: Final = 0x9E37_79B9_7F4A_7C15
+_GOLDEN_2: Final = 0xC2B2_AE3D_27D4_EB4F
+_ZERO_TAIL: Final = bytes(PAGE_SIZE - _STAMP)
 
 
 class _Pools:
@@ -76,6 +80,7 @@ class _Pools:
 
     random: bytes
     rings: tuple[bytes, ...]
+    ring_tails: tuple[bytes, ...]  # each ring page without its first _STAMP bytes
     templates: tuple[bytes, ...]
 
     def __init__(self) -> None:
@@ -86,6 +91,7 @@ class _Pools:
             _RING_POOL_PAGES * (PAGE_SIZE // _RECORD) * _NOISE
         )
         self.rings = tuple(_ring_page(entropy, page) for page in range(_RING_POOL_PAGES))
+        self.ring_tails = tuple(ring[_STAMP:] for ring in self.rings)
         self.templates = tuple(
             self.rings[index]
             for index in range(0, _RING_POOL_PAGES, _RING_POOL_PAGES // _TEMPLATES)
@@ -150,7 +156,7 @@ def _block(kind: ContentKind, seed: int, block: int) -> list[bytes]:
     pool = pools.random
     if kind == "random":
         return [pool[(w >> 9) : (w >> 9) + PAGE_SIZE] for w in words]
-    rings, templates = pools.rings, pools.templates
+    tails, templates = pools.ring_tails, pools.templates
     pages: list[bytes] = []
     append = pages.append
     first = block * BLOCK_PAGES
@@ -161,7 +167,7 @@ def _block(kind: ContentKind, seed: int, block: int) -> list[bytes]:
         elif cls < _RANDOM_BELOW:
             append(pool[(word >> 9) : (word >> 9) + PAGE_SIZE])
         elif cls < _RING_BELOW:
-            append(_STAMP_FORMAT.pack(first + index, seed) + rings[word >> 22][_STAMP:])
+            append(_STAMP_FORMAT.pack(first + index, seed) + tails[word >> 22])
         else:
             template = templates[(word >> 8) & 7]
             at = ((word >> 11) & 0xFF) * _STAMP
@@ -177,22 +183,39 @@ def realistic_state(seed: int, offset: int, length: int) -> bytes:
         return b""
     first = offset // PAGE_SIZE
     last = (offset + length - 1) // PAGE_SIZE
-    data = _generated_pages("realistic", seed, first, last - first + 1)
+    data = _generated_pages(lambda block: _block("realistic", seed, block), first, last - first + 1)
     skip = offset - first * PAGE_SIZE
     return data[skip : skip + length]
 
 
-def _generated_pages(kind: ContentKind, seed: int, first: int, count: int) -> bytes:
+def _generated_pages(blocks: Callable[[int], list[bytes]], first: int, count: int) -> bytes:
+    """Pages ``[first, first+count)`` joined, taken from ``blocks(block) -> its 256 pages``."""
     pages: list[bytes] = []
     page = first
     end = first + count
     while page < end:
         block, index = divmod(page, BLOCK_PAGES)
         take = min(BLOCK_PAGES - index, end - page)
-        block_pages = _block(kind, seed, block)
+        block_pages = blocks(block)
         pages.extend(block_pages[index : index + take] if take < BLOCK_PAGES else block_pages)
         page += take
     return b"".join(pages)
+
+
+class _BlockCache:
+    """The last block generated, kept for the small reads that re-send dirty pages."""
+
+    def __init__(self, kind: ContentKind, seed: int) -> None:
+        self.kind = kind
+        self.seed = seed
+        self._block = -1
+        self._pages: list[bytes] = []
+
+    def get(self, block: int) -> list[bytes]:
+        if block != self._block:
+            self._pages = _block(self.kind, self.seed, block)
+            self._block = block
+        return self._pages
 
 
 def dirty_page(kind: ContentKind, seed: int, page: int, generation: int) -> bytes:
@@ -204,13 +227,14 @@ def dirty_page(kind: ContentKind, seed: int, page: int, generation: int) -> byte
     """
     stamp = _STAMP_FORMAT.pack(page, ((generation << 32) ^ seed) & _MASK64)
     if kind == "zero":
-        return stamp + ZERO_PAGE[_STAMP:]
+        return stamp + _ZERO_TAIL
     pools = _get_pools()
-    word = mix64(mix64(seed ^ page) ^ generation)
+    # A multiplicative hash is enough to pick a pool entry (the stamp makes the page unique).
+    word = ((page * _GOLDEN + generation * _GOLDEN_2) ^ seed) & _MASK64
     if kind == "random":
-        start = word % _RANDOM_POOL_SIZE
-        return stamp + pools.random[start + _STAMP : start + PAGE_SIZE]
-    return stamp + pools.rings[word % _RING_POOL_PAGES][_STAMP:]
+        start = (word >> 41) + _STAMP  # 23 bits: an offset into the 8 MiB pool
+        return stamp + pools.random[start : start + PAGE_SIZE - _STAMP]
+    return stamp + pools.ring_tails[word >> 54]
 
 
 class PageSource(abc.ABC):
@@ -238,9 +262,10 @@ class GeneratedPages(PageSource):
         self.kind = kind
         self.seed = seed
         self.size = size
+        self._cache = _BlockCache(kind, seed)
 
     def read(self, first: int, count: int) -> bytes:
-        data = _generated_pages(self.kind, self.seed, first, count)
+        data = _generated_pages(self._cache.get, first, count)
         end = (first + count) * PAGE_SIZE
         return data[: len(data) - (end - self.size)] if end > self.size else data
 

@@ -317,8 +317,7 @@ class StreamLoader:
             raise OSError(_errno.EINVAL, f"an earlier write failed: {self.failed.strerror}")
         if self._end is None:
             raise OSError(_errno.EINVAL, f"stream incomplete ({self._stage} expected)")
-        records, length, crc, _ = self._end
-        if (records, length, crc) != (self._records, self._received, self._crc):
+        if self._end != (self._records, self._received, self._crc, 0):
             raise OSError(_errno.EINVAL, "stream corrupt (CRC, length or record count mismatch)")
         if self._covered != self.state_size:
             raise OSError(_errno.EINVAL, f"stream covers {self._covered} of {self.state_size}")
