@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint types unit test-kernel fmt clean
+.PHONY: demo test check lint types unit test-kernel fuzz bench-protocol fmt clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -32,10 +32,27 @@ types: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest
 
-## test-kernel: only the real-kernel tier: Debian's 6.12 under QEMU, tests/kernel in the guest
-## (docs/kernel-tier.md; 'make test' runs it too). ARGS='-k uapi' picks guest tests.
+## test-kernel: only the real-kernel tier: Debian's 6.12 under QEMU, tests in the guest
+## (docs/kernel-tier.md; 'make test' runs it too). K=uapi: only guest tests matching -k uapi.
 test-kernel: $(STAMP)
-	$(BIN)/python tests/kernel/harness.py $(if $(ARGS),-- tests/kernel $(ARGS))
+	$(BIN)/python tests/kernel/harness.py $(if $(K),-k '$(K)')
+
+## fuzz: the protocol fuzzer (atheris, installed into .venv on first use) for FUZZ_SECONDS
+## (default 300); new inputs go to .cache/fuzz/corpus, crashes to .cache/fuzz/crash-*
+FUZZ_SECONDS ?= 300
+fuzz: $(VENV)/.fuzz-installed
+	@mkdir -p .cache/fuzz/corpus
+	$(BIN)/python tests/fuzz/fuzz_protocol.py .cache/fuzz/corpus tests/fuzz/corpus \
+	  -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=1024 \
+	  -artifact_prefix=.cache/fuzz/ -print_final_stats=1
+
+$(VENV)/.fuzz-installed: $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[fuzz]' --config-settings editable_mode=strict
+	@touch $@
+
+## bench-protocol: micro-benchmark of the protocol's data path on one core (not a test)
+bench-protocol: $(STAMP)
+	$(BIN)/python tests/bench/bench_protocol.py
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .

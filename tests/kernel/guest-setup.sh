@@ -64,6 +64,8 @@ python="$REPO/.venv/bin/python"
 # need neither (a test that does imports it itself).
 export PYTHONDONTWRITEBYTECODE=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
 export VFMIG_KERNEL_GUEST="$run/guest.json"
+# tests/device/test_conformance.py runs against mtty mdevs (tests/device/conftest.py).
+export VFMIG_CONFORMANCE_BACKEND="$REPO/tests/kernel/conformance_mtty.py"
 if [ -n "$CI" ]; then export CI; else unset CI; fi
 "$python" -P -m pytest -p no:cacheprovider --junitxml="$run/junit.xml" \
   "${PYTEST_ARGS[@]}" 2>&1 | tee "$run/pytest.log"

@@ -114,10 +114,11 @@ MODULES: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 DEFAULT_TIMEOUT = 900.0  #: whole guest run (boot, setup, pytest, power-off), seconds
-DEFAULT_PYTEST_ARGS = ("tests/kernel", "-v")
+#: The guest's pytest run: the tier's own tests and the device conformance suite (on mtty).
+DEFAULT_PYTEST_ARGS = ("tests/kernel", "tests/device/test_conformance.py", "-v")
 _KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\]")
 _SUMMARY_LINE = re.compile(
-    r"^=*\s*(?P<body>(?:(?:\d+ \w+(?:, )?)+|no tests ran) in [\d.]+s\b.*?)\s*=*$"
+    r"^=*\s*(?P<body>(?:(?:\d+ \w+(?:, )?)+(?: collected)?|no tests ran) in [\d.]+s\b.*?)\s*=*$"
 )
 
 
@@ -748,7 +749,11 @@ def run_tier(outcome: Outcome, pytest_args: Sequence[str], *, timeout: float, ec
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Boot Debian's 6.12 kernel with mtty mdevs under QEMU and run pytest in it.",
-        epilog="Arguments after '--' go to the guest's pytest (default: tests/kernel -v).",
+        epilog="Arguments after '--' replace the guest's pytest arguments "
+        f"(default: {' '.join(DEFAULT_PYTEST_ARGS)}).",
+    )
+    parser.add_argument(
+        "-k", dest="keyword", help="only guest tests matching this pytest -k expression"
     )
     parser.add_argument("--result", type=Path, help="write the outcome as JSON to this file")
     parser.add_argument("--quiet", action="store_true", help="do not echo the guest's output")
@@ -763,12 +768,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     outcome = Outcome()
     try:
-        run_tier(
-            outcome,
-            args.pytest_args or DEFAULT_PYTEST_ARGS,
-            timeout=args.timeout,
-            echo=not args.quiet,
-        )
+        pytest_args = list(args.pytest_args or DEFAULT_PYTEST_ARGS)
+        if args.keyword:
+            pytest_args += ["-k", args.keyword]
+        run_tier(outcome, pytest_args, timeout=args.timeout, echo=not args.quiet)
     except TierUnavailable as exc:
         outcome.exit, outcome.outcome = Exit.UNAVAILABLE, "unavailable"
         outcome.message, outcome.hint = exc.message, exc.hint or ""

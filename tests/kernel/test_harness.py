@@ -60,6 +60,7 @@ def test_pinned_kernel_from_the_environment(
             "1 failed, 1 passed, 2 warnings in 0.51s (0:00:00)",
         ),
         ("==== no tests ran in 0.01s ====", "no tests ran in 0.01s"),
+        ("307 tests collected in 12.10s", "307 tests collected in 12.10s"),
         ("tests/kernel/test_guest_uapi.py::test_x PASSED [ 83%]", ""),
     ],
 )
