@@ -416,6 +416,20 @@ def test_a_hung_arc_holds_the_device_lock(sim: Callable[..., SimDevice]) -> None
     assert sorted(errors) == sorted([errno.EINTR, errno.EBADF])
 
 
+@pytest.mark.parametrize("target", [S.PRE_COPY, S.PRE_COPY_P2P])
+def test_blocked_arcs_answer_einval_like_a_fixed_kernel(
+    sim: Callable[..., SimDevice], target: DeviceState
+) -> None:
+    device = sim("sim:blocked,size=8KiB")
+    session = device._set_state(S.STOP_COPY)
+    assert session is not None
+    with pytest.raises(OSError, match="no step from STOP_COPY") as info:
+        device._set_state(target)  # below the policy layer, which never sends it
+    assert info.value.errno == errno.EINVAL
+    assert device._get_state() is S.STOP_COPY
+    assert session.readinto(bytearray(16)) == 16  # the session is untouched
+
+
 def test_failed_arc_stays_in_from(sim: Callable[..., SimDevice]) -> None:
     device = sim("sim:f,fail=STOP>STOP_COPY:ENOSPC")
     with pytest.raises(StateChangeError) as info:
