@@ -71,7 +71,6 @@ from vfmig.device.debugfs import DebugfsReader
 from vfmig.device.sim_content import (
     BLOCK_PAGES,
     PAGE_SIZE,
-    ContentKind,
     FilePages,
     GeneratedPages,
     PageSource,
@@ -83,7 +82,7 @@ from vfmig.device.sim_stream import SavingStream, StreamLoader, full_length
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from vfmig.core.spec import SimOptions
+    from vfmig.core.spec import ContentKind, SimOptions
 
 #: State size when neither ``size=`` nor ``image=`` gives one.
 DEFAULT_SIZE: Final = 16 << 20
@@ -321,10 +320,9 @@ class SimDevice(MigrationDevice):
             self.workdir = self._private_dir
         self.size = self._initial_size()
         self.pages = -(-self.size // PAGE_SIZE)
-        meta = self._load_state_dir() if options.state_dir is not None else None
-        content = self.workdir / "content.bin"
-        if meta is not None and meta["content_file"]:
-            self._base = FilePages(content, self.size)
+        resumed = options.state_dir is not None and self._load_state_dir()
+        if resumed:
+            self._base = FilePages(self.workdir / "content.bin", self.size)
         elif options.image is not None:
             self._base = FilePages(Path(options.image), self.size)
         else:
@@ -393,30 +391,18 @@ class SimDevice(MigrationDevice):
                 hint="only one process may open a device; stop the other one first",
             ) from None
 
-    def _load_state_dir(self) -> dict[str, Any] | None:
+    def _load_state_dir(self) -> bool:
+        """Take over the state a previous opener left; True if it holds resumed content."""
         path = self.workdir / "device.json"
         if not path.exists():
-            return None
+            return False
         try:
             meta = json.loads(path.read_text())
             if meta["format"] != STATE_FORMAT:
                 raise ValueError(f"format {meta['format']}")
             identity = meta["identity"]
-            state = DeviceState[meta["state"]]
-            gens_path = self.workdir / "gens.bin"
-            if meta["gens"]:
-                self._gens = array("I", gens_path.read_bytes())
-                if len(self._gens) != self.pages:
-                    raise ValueError("gens.bin does not match the state size")
-            self._dirty_seq = int(meta["dirty_seq"])
-            self._dump_pending = bool(meta["dump_pending"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DeviceError(
-                self.name,
-                "open",
-                f"state-dir={self.workdir} is damaged ({exc})",
-                hint="delete the directory to start from a fresh device",
-            ) from exc
+            raise self._damaged(exc) from exc
         if identity != self._identity():
             raise DeviceError(
                 self.name,
@@ -424,8 +410,25 @@ class SimDevice(MigrationDevice):
                 f"state-dir={self.workdir} belongs to another device ({_describe(identity)})",
                 hint="use a fresh state-dir for this spec, or delete the old one",
             )
-        self.state = state
-        return dict(meta)
+        try:
+            self.state = DeviceState[meta["state"]]
+            if meta["gens"]:
+                self._gens = array("I", (self.workdir / "gens.bin").read_bytes())
+                if len(self._gens) != self.pages:
+                    raise ValueError("gens.bin does not match the state size")
+            self._dirty_seq = int(meta["dirty_seq"])
+            self._dump_pending = bool(meta["dump_pending"])
+            return bool(meta["content_file"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise self._damaged(exc) from exc
+
+    def _damaged(self, exc: Exception) -> DeviceError:
+        return DeviceError(
+            self.name,
+            "open",
+            f"state-dir={self.workdir} is damaged ({exc})",
+            hint="delete the directory to start from a fresh device",
+        )
 
     def _persist(self) -> None:
         if self.options.state_dir is None or self._released:

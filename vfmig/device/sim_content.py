@@ -37,18 +37,19 @@ import abc
 import hashlib
 import os
 import struct
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
+
+    from vfmig.core.spec import ContentKind
 
 PAGE_SIZE: Final = 4096
 #: Pages per generated block: 1 MiB, the read size the engine uses.
 BLOCK_PAGES: Final = 256
 BLOCK_SIZE: Final = PAGE_SIZE * BLOCK_PAGES
 
-ContentKind = Literal["realistic", "random", "zero"]
 
 ZERO_PAGE: Final = bytes(PAGE_SIZE)
 
