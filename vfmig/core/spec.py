@@ -160,7 +160,7 @@ def _parse_syntax(text: str) -> DeviceSpec:
         commas = [c for c in commas if c < ats[-1]]
     bounds = [-1, *commas, len(rest)]
     parts = [rest[a + 1 : b] for a, b in itertools.pairwise(bounds)]
-    name = _value(parts[0])
+    name = _value(parts[0], parts[0])
     if not name:
         raise _error(f"{text!r}: the device name is empty")
     if parts[0][0] not in _QUOTES and "=" in parts[0]:
@@ -176,7 +176,7 @@ def _parse_syntax(text: str) -> DeviceSpec:
             raise _error(f"option {part!r}: {key!r} is not an option name")
         if any(key == k for k, _ in items):
             raise _error(f"duplicate option {key!r} (give each option once)")
-        items.append((key, _value(raw)))
+        items.append((key, _value(raw, part)))
     return DeviceSpec(kind, name, Options(tuple(items)), host, port)
 
 
@@ -228,12 +228,12 @@ def _closing_quote(text: str, opening: int) -> int | None:
         i += 2
 
 
-def _value(raw: str) -> str:
+def _value(raw: str, part: str) -> str:
     if raw and raw[0] in _QUOTES:
         quote = raw[0]
         return raw[1:-1].replace(quote * 2, quote)
     if not raw.isprintable() or any(c.isspace() for c in raw):
-        raise _error(f"{raw!r} holds whitespace or control characters: quote it")
+        raise _error(f"{part!r} holds whitespace or control characters: quote the value")
     return raw
 
 
