@@ -215,7 +215,7 @@ def level_sweep(chunks: list[bytes], repeat: int) -> list[tuple[int, float, floa
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=32, help="MiB of data per data set")
-    parser.add_argument("--repeat", type=int, default=7, help="runs per figure (best is kept)")
+    parser.add_argument("--repeat", type=int, default=15, help="runs per figure (best is kept)")
     args = parser.parse_args()
     print(f"vfmig.protocol data path, 1 MiB chunks, {args.mib} MiB per set; {pin_to_one_core()}")
     realistic = [realistic_state(1, i * CHUNK, CHUNK) for i in range(args.mib)]
