@@ -15,14 +15,14 @@ import traceback
 from typing import TYPE_CHECKING
 
 from vfmig import __version__
-from vfmig.cli import devices, fsm, inspect
+from vfmig.cli import devices, fsm, inspect, keygen, recover
 from vfmig.cli.context import Environment
 from vfmig.core.errors import ExitStatus, VfmigError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-SUBCOMMANDS = (fsm, devices, inspect)
+SUBCOMMANDS = (fsm, devices, inspect, keygen, recover)
 
 
 def build_parser() -> argparse.ArgumentParser:
