@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vfmig.engine.keys import KEY_BYTES, create_key
-
 if TYPE_CHECKING:
     import argparse
 
@@ -22,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser = sub.add_parser(
         "keygen",
         help="create a key file for agents and orchestrators (mode 0600)",
-        description=f"Write {KEY_BYTES} random bytes as a new key file, readable by its owner "
+        description="Write a new random key (256 bits) to a file readable by its owner "
         "only. Every agent and orchestrator of a migration uses the same key (--key-file). "
         "The key is never printed.",
     )
@@ -34,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace, env: Environment) -> int:
+    # Imported here: 'vfmig' itself must never load the engine package (it may pull in trio).
+    from vfmig.engine.keys import KEY_BYTES, create_key
+
     path: Path = args.path
     create_key(path, force=args.force)
     env.print(f"wrote a new {KEY_BYTES * 8}-bit key to {path} (mode 0600)")
