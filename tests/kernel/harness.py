@@ -113,7 +113,7 @@ MODULES: dict[str, tuple[tuple[str, ...], str]] = {
     ),
 }
 
-DEFAULT_TIMEOUT = 900.0  #: whole guest run (boot, setup, pytest, power-off), seconds
+DEFAULT_TIMEOUT = 600.0  #: whole guest run (boot, setup, pytest, power-off), seconds
 #: The guest's pytest run: the tier's own tests and the device conformance suite (on mtty).
 DEFAULT_PYTEST_ARGS = ("tests/kernel", "tests/device/test_conformance.py", "-v")
 _KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\]")
