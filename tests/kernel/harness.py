@@ -83,18 +83,18 @@ FLAVOUR = "amd64"
 _VERSION_RE = re.compile(r"^(?P<upstream>6\.12\.\d+)-\d+~(?P<dist>deb\d+)u\d+$")
 _IMAGE_RE = re.compile(rf"^linux-image-(?P<abi>6\.12\.(?P<patch>\d+)\+deb\d+)-{FLAVOUR}-unsigned$")
 
-#: Debian packages the tier runs, keyed by a command that proves each is there.
-#: The compiler (``gcc-N``) is the one the headers package depends on.
-HOST_PACKAGES: dict[str, str] = {
-    "qemu-system-x86": "qemu-system-x86_64",
-    "busybox-static": "busybox",  # virtme-ng's initramfs loads the 9p modules with it
-    "kmod": "depmod",
-    "xz-utils": "xz",
-    "make": "make",
-    "pahole": "pahole",  # the kernel has DEBUG_INFO_BTF_MODULES: kbuild runs it on every .ko
-    "binutils": "strings",  # virtme-ng reads the kernel version out of the image
-    "libelf1": "",  # kbuild's objtool and modpost link it; checked with dpkg-query
-}
+#: Debian packages the tier needs on the host (checked with dpkg-query). The compiler, the
+#: ``gcc-N`` the headers package depends on, is added to these (:func:`compiler_package`).
+HOST_PACKAGES: tuple[str, ...] = (
+    "qemu-system-x86",
+    "busybox-static",  # virtme-ng's initramfs loads the 9p modules with it
+    "kmod",  # depmod (virtme-ng runs it on the unpacked modules), modprobe in the guest
+    "xz-utils",  # Debian's modules are .ko.xz
+    "make",
+    "pahole",  # the kernel has DEBUG_INFO_BTF_MODULES: kbuild runs it on every .ko
+    "binutils",  # virtme-ng reads the kernel version out of the image with strings
+    "libelf1",  # kbuild's objtool and modpost link it
+)
 
 #: Out-of-tree builds: module -> (source files from linux-source-6.12, Kbuild text).
 MODULES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -123,9 +123,10 @@ _SUMMARY_LINE = re.compile(
 
 
 class Exit(enum.IntEnum):
+    """The harness's exit status (2 is argparse's, for bad arguments)."""
+
     PASSED = 0
     FAILED = 1
-    USAGE = 2
     UNAVAILABLE = 3
     ERROR = 4
 
