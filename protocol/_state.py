@@ -155,13 +155,6 @@ class StateMachine:
         """This side may send application messages (in CLOSING only a Goodbye, if unsent)."""
         return self.state in (_S.AUTHENTICATED, _S.ESTABLISHED)
 
-    @property
-    def may_receive(self) -> bool:
-        """The peer may still send application messages."""
-        if self.state is _S.ESTABLISHED:
-            return True
-        return self.state is _S.CLOSING and not self.goodbye_received
-
 
 def _refuse(state: ConnectionState, event: Input) -> LocalProtocolError:
     return LocalProtocolError(

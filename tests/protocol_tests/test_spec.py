@@ -305,6 +305,7 @@ def test_method_table_matches_the_code():
     rows = _table_rows(_section("## 6. The agent's methods"))
     documented = {row[0]: row[1] for row in rows}
     assert set(documented) == set(METHODS)
+    assert {row[0]: row[2] for row in rows} == {m.name: m.summary for m in METHODS.values()}
     for name, method in METHODS.items():
         params = {
             f"{p}: {shape}{'' if required else '?'}"
