@@ -204,8 +204,7 @@ def check_platform() -> None:
     ]
     if missing:
         raise TierUnavailable(
-            f"the kernel tier fetches Debian's 6.12 kernel with apt, and {', '.join(missing)} "
-            "is missing",
+            f"the kernel tier fetches Debian's 6.12 kernel with apt; missing: {', '.join(missing)}",
             hint="run it on Debian 12 (x86-64)",
         )
 
