@@ -39,6 +39,8 @@ from ._chunks import check_chunk
 from ._codec import (
     KNOWN_TAGS,
     NONCE_SIZE,
+    U32,
+    U64,
     Auth,
     EndOfStreamFrame,
     Hello,
@@ -67,7 +69,6 @@ from ._events import (
     HandshakeCompleted,
     InitialDataSent,
     Message,
-    Notification,
     Ping,
     Pong,
     Request,
@@ -254,6 +255,10 @@ class Connection:
             self._check_may_send(DataChunk)
             streams, session = self._data_state()
             view = payload if isinstance(payload, memoryview) else memoryview(payload)
+            if encoding not in (Encoding.RAW, Encoding.ZSTD):
+                raise LocalProtocolError(
+                    f"unknown payload encoding {encoding!r}", code=ErrorCode.BAD_CHUNK
+                )
             chunk = DataChunk(
                 stream=stream,
                 seq=seq,
@@ -268,6 +273,11 @@ class Connection:
                     code=ErrorCode.BAD_CHUNK,
                 )
             check_chunk(chunk, session.max_chunk_size)
+            if not (0 <= stream <= U32 and 0 <= seq <= U64 and 0 <= offset <= U64):
+                raise LocalProtocolError(
+                    f"chunk header out of range: stream {stream}, seq {seq}, offset {offset}",
+                    code=ErrorCode.BAD_CHUNK,
+                )
             head = chunk_header(stream, seq, offset, raw_len, chunk.encoding)
             streams.chunk(stream, seq, offset, raw_len, head, view)
         except LocalProtocolError as exc:
@@ -383,11 +393,13 @@ class Connection:
             closing = self._sm.state is ConnectionState.CLOSING
             if self._sm.goodbye_sent or not (self._sm.may_send or closing):
                 raise self._state_error(event)
-            check_value(encode_fields(event), self.config, "Goodbye")
-            data = self._seal(event)
+            data = self._seal(event, self._vetted(event))
             self._sm.process(Input.GOODBYE_SENT)
             return data
         self._check_may_send(type(event))
+        if isinstance(event, EndOfStream):
+            return self._seal(self._end_stream(event))
+        fields = self._vetted(event)
         if isinstance(event, Request):
             self._on_send_request(event)
         elif isinstance(event, Response | ErrorResponse):
@@ -396,26 +408,22 @@ class Connection:
                     f"{type(event).__name__} {event.id} answers no request received",
                     code=ErrorCode.UNKNOWN_REQUEST,
                 )
-        elif isinstance(event, Ping):
-            if len(event.payload) > self.config.max_ping_payload:
-                raise LocalProtocolError(
-                    f"ping payload of {len(event.payload)} bytes is above max_ping_payload="
-                    f"{self.config.max_ping_payload}",
-                    code=ErrorCode.LIMIT,
-                    limit="max_ping_payload",
-                )
-        elif isinstance(event, EndOfStream):
-            return self._seal(self._end_stream(event))
-        elif not isinstance(event, Notification):
+        elif isinstance(event, Credit | InitialDataSent | SwitchoverAck | AbortStream):
             self._send_stream_control(event)
-        fields = encode_fields(event)
-        check_value(fields, self.config, type(event).__name__)
         data = self._seal(event, fields)
         if isinstance(event, Request):
             self._requests_out.add(event.id)
         elif isinstance(event, Response | ErrorResponse):
             self._requests_in.discard(event.id)
         return data
+
+    def _vetted(self, message: Message) -> dict[str, Value]:
+        """The message's wire fields, refused unless the peer's decoder would accept them
+        (the same decoder runs here, so "what we send, a peer of this version reads")."""
+        fields = encode_fields(message)
+        check_value(fields, self.config, type(message).__name__)
+        decode_fields(message.TAG, fields, self.config)
+        return fields
 
     def _on_send_request(self, event: Request) -> None:
         assert self._session is not None

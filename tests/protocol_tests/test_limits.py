@@ -372,3 +372,32 @@ def test_a_ping_is_queued_only_after_the_keepalive_interval(pair):
     o.tick(15.0)
     data = o.data_to_send()
     assert p.conn[AGENT].receive_data(data) == [Ping(payload=(1).to_bytes(8, "big"))]
+
+
+@pytest.mark.parametrize(
+    ("first", "role", "event"),
+    [
+        (ORCH, ORCH, Request(id=-1, method="status", params={})),
+        (ORCH, ORCH, Request(id=1, method="status", params={"x": (1, 2)})),
+        (SENDER, RECEIVER, Credit(stream=1 << 40, increment=1)),
+        (SENDER, RECEIVER, Credit(stream=1, increment=0)),
+    ],
+)
+def test_out_of_range_fields_are_refused_locally(pair, first, role, event):
+    """What this side sends passes the decoder the peer runs, or it is not sent."""
+    p = pair(first)
+    with pytest.raises(LocalProtocolError) as info:
+        p.conn[role].send(event)
+    assert info.value.code in (ErrorCode.BAD_MESSAGE, ErrorCode.FLOW_CONTROL)
+    assert p.conn[role].state is ConnectionState.ERROR
+
+
+@pytest.mark.parametrize(
+    ("seq", "offset", "encoding"), [(-1, 0, Encoding.RAW), (0, -1, Encoding.RAW), (0, 0, 7)]
+)
+def test_out_of_range_chunk_headers_are_refused_locally(pair, seq, offset, encoding):
+    p = pair(SENDER)
+    p.send(RECEIVER, Credit(stream=1, increment=100))
+    with pytest.raises(LocalProtocolError) as info:
+        p.conn[SENDER].send_data(1, seq, offset, 3, encoding, b"abc")
+    assert info.value.code is ErrorCode.BAD_CHUNK
