@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint types unit test-kernel fuzz bench-protocol fmt clean
+.PHONY: demo test check lint types unit test-kernel fuzz bench-protocol bench fmt clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 ## demo: the main job on simulated devices
 demo: $(STAMP)
 	$(BIN)/vfmig inspect 'sim:demo,size=4MiB,flags=stop-copy+p2p+pre-copy'
+	$(BIN)/vfmig fsm path RUNNING STOP_COPY
 
 ## test: lint, type check and the whole test suite (what CI runs)
 test: check unit
@@ -53,6 +54,11 @@ $(VENV)/.fuzz-installed: $(STAMP)
 ## bench-protocol: micro-benchmark of the protocol's data path on one core (not a test)
 bench-protocol: $(STAMP)
 	$(BIN)/python tests/bench/bench_protocol.py
+
+## bench: vfmig migrate between two agents vs zstd -1 | socat, same bytes, same machine
+## (needs socat and zstd); ARGS='--size 1GiB --rounds 7' to change the defaults
+bench: $(STAMP)
+	$(BIN)/python tests/bench/bench_migrate.py $(ARGS)
 
 fmt: $(STAMP)
 	$(BIN)/ruff format .

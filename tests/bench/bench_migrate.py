@@ -1,0 +1,328 @@
+"""End-to-end benchmark of ``vfmig migrate`` against ``zstd | socat`` (``make bench``). Not a test.
+
+Both sides move the same bytes over loopback on the same machine in the same run:
+
+* **vfmig:** two agents (``vfmig agent --listen 127.0.0.1:PORT --key-file K --sim-dir D``)
+  and one ``vfmig migrate 'sim:src,...@127.0.0.1:P1' 'sim:dst,dump=...@127.0.0.1:P2'
+  --key-file K --no-precopy`` per round: a simulated device whose state is realistic,
+  partly compressible content (``content=realistic``, ~3.4x with zstd -1) of ``--size``
+  bytes, stop-copied into a destination whose resumed state is dumped to a file.
+* **peer:** the same state, as a file, through
+  ``zstd -1 -T1 | socat -u -b 1048576 - TCP:127.0.0.1:PORT`` into
+  ``socat -u -b 1048576 TCP-LISTEN:PORT,reuseaddr - | zstd -d > file``.
+
+Rounds alternate which side goes first. Each round's result is checked (the dumped or
+received file must equal the source state) outside the timed region. Printed: every
+round, both medians, their ratio, and the peak RSS (VmHWM) of each agent and of the
+migrate command. Times are wall-clock of the whole command, process start-up included.
+
+Until ``vfmig migrate`` and ``vfmig agent`` exist, only the peer half runs (and says so).
+Needs ``socat`` and ``zstd`` (Debian: ``apt-get install socat zstd``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+from vfmig.core.spec import parse_spec, sim_options
+from vfmig.core.units import parse_size
+from vfmig.device.sim import SimDevice
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+MiB = 1 << 20
+#: How long an agent or a listener may take to start listening.
+LISTEN_TIMEOUT_S = 30.0
+#: How long one transfer may take before the benchmark gives up on it.
+ROUND_TIMEOUT_S = 600.0
+VFMIG = Path(sys.executable).with_name("vfmig")
+
+
+class BenchError(Exception):
+    """A setup problem or a failed round: printed as one line, exit status 1."""
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    seconds: float
+    peak_rss_kib: int  #: ru_maxrss of the measured process (the last one of a pipeline)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def listening(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:port, without connecting (an accept is precious)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            next(lines)
+            for line in lines:
+                local, state = line.split()[1], line.split()[3]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + LISTEN_TIMEOUT_S
+    while not listening(port):
+        if process.poll() is not None:
+            raise BenchError(f"{what} exited with status {process.returncode} before listening")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what} does not listen on port {port} after {LISTEN_TIMEOUT_S} s")
+        time.sleep(0.01)
+
+
+def wait_measured(process: subprocess.Popen[bytes], what: str) -> Run:
+    """Wait for ``process`` with wait4 (its own peak RSS); BenchError if it fails."""
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise BenchError(f"{what} failed with status {process.returncode}")
+    return Run(seconds=0.0, peak_rss_kib=usage.ru_maxrss)
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "blake2b").hexdigest()
+
+
+def vm_hwm_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise BenchError(f"no VmHWM in /proc/{pid}/status")
+
+
+def tail(path: Path, lines: int = 5) -> str:
+    text = path.read_text(errors="replace").strip().splitlines()
+    return "\n".join(text[-lines:])
+
+
+# --- the peer: zstd | socat --------------------------------------------------------------
+
+
+def peer_round(state: Path, received: Path, logs: Path) -> Run:
+    port = free_port()
+    log = open(logs / "peer.log", "wb")  # noqa: SIM115 -- closed below
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        receive = f"socat -u -b 1048576 TCP-LISTEN:{port},reuseaddr,bind=127.0.0.1 - "
+        receive += f"| zstd -d -q -f -o '{received}'"
+        receiver = subprocess.Popen(["sh", "-c", receive], stdout=subprocess.DEVNULL, stderr=log)
+        started.append(receiver)
+        wait_listening(port, receiver, "the peer's receiving socat")
+        send = f"zstd -1 -T1 -q -c '{state}' | socat -u -b 1048576 - TCP:127.0.0.1:{port}"
+        start = time.perf_counter()
+        sender = subprocess.Popen(["sh", "-c", send], stdout=subprocess.DEVNULL, stderr=log)
+        started.append(sender)
+        wait_measured(sender, "the peer's sending zstd | socat")
+        done = wait_measured(receiver, "the peer's receiving socat | zstd -d")
+        seconds = time.perf_counter() - start
+    finally:
+        for process in started:
+            if process.returncode is None:
+                process.kill()
+                process.wait()
+        log.close()
+    if file_digest(received) != file_digest(state):
+        raise BenchError("the peer's received file differs from the state")
+    received.unlink()
+    return Run(seconds=seconds, peak_rss_kib=done.peak_rss_kib)
+
+
+# --- vfmig: two agents and a migrate per round -------------------------------------------
+
+
+@dataclass
+class Agents:
+    key: Path
+    source_port: int
+    destination_port: int
+    source_dir: Path
+    destination_dir: Path
+    processes: list[subprocess.Popen[bytes]]
+
+
+@contextlib.contextmanager
+def agents(work: Path) -> Iterator[Agents]:
+    key = work / "vfmig.key"
+    subprocess.run([str(VFMIG), "keygen", str(key)], check=True, capture_output=True)
+    ports = free_port(), free_port()
+    dirs = work / "source-agent", work / "destination-agent"
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for role, port, directory in zip(("source", "destination"), ports, dirs, strict=True):
+            directory.mkdir()
+            log = open(work / f"{role}-agent.log", "wb")  # noqa: SIM115 -- the agent holds it
+            command = [str(VFMIG), "agent", "--listen", f"127.0.0.1:{port}"]
+            command += ["--key-file", str(key), "--sim-dir", str(directory)]
+            processes.append(subprocess.Popen(command, stdout=log, stderr=log))
+            log.close()
+            wait_listening(port, processes[-1], f"the {role} agent")
+        yield Agents(key, ports[0], ports[1], dirs[0], dirs[1], processes)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def vfmig_round(setup: Agents, source_spec: str, size: int, state: Path, logs: Path) -> Run:
+    dump = setup.destination_dir / "dump.bin"
+    command = [
+        str(VFMIG),
+        "migrate",
+        f"sim:src,{source_spec}@127.0.0.1:{setup.source_port}",
+        f"sim:dst,size={size},dump=dump.bin@127.0.0.1:{setup.destination_port}",
+        "--key-file",
+        str(setup.key),
+        "--no-precopy",
+    ]
+    out = logs / "migrate.log"
+    with open(out, "wb") as log:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            done = wait_measured(process, "vfmig migrate")
+        except BenchError as exc:
+            raise BenchError(f"{exc}:\n{tail(out)}") from None
+        seconds = time.perf_counter() - start
+    if not dump.exists() or file_digest(dump) != file_digest(state):
+        raise BenchError("the destination's dump differs from the source state")
+    dump.unlink()
+    return Run(seconds=seconds, peak_rss_kib=done.peak_rss_kib)
+
+
+def engine_available() -> str | None:
+    """None when ``vfmig migrate`` and ``vfmig agent`` exist, else why not."""
+    for command in ("migrate", "agent"):
+        result = subprocess.run([str(VFMIG), command, "--help"], capture_output=True)
+        if result.returncode != 0:
+            return f"'vfmig {command}' is not available yet"
+    return None
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def rate(size: int, seconds: float) -> str:
+    return f"{size / seconds / MiB:7.1f} MiB/s"
+
+
+def write_state(source_spec: str, path: Path) -> None:
+    """The source device's state, as the peer sends it (streamed in 1 MiB blocks)."""
+    spec = parse_spec(f"sim:src,{source_spec}")
+    device = SimDevice(spec.name, sim_options(spec))
+    try:
+        device.snapshot_to(path)
+    finally:
+        device.close()
+
+
+def compressed_size(state: Path) -> int:
+    with open(state, "rb") as source:
+        zstd = subprocess.Popen(
+            ["zstd", "-1", "-T1", "-q", "-c"], stdin=source, stdout=subprocess.PIPE
+        )
+        assert zstd.stdout is not None
+        total = 0
+        while chunk := zstd.stdout.read(MiB):
+            total += len(chunk)
+        if zstd.wait() != 0:
+            raise BenchError("zstd failed on the state file")
+    return total
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="512MiB", help="state size (default 512MiB)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per side (default 5)")
+    parser.add_argument("--seed", type=int, default=1, help="content seed (default 1)")
+    args = parser.parse_args(argv)
+    size = parse_size(args.size)
+    missing = [tool for tool in ("socat", "zstd") if shutil.which(tool) is None]
+    if missing:
+        raise BenchError(f"missing {' and '.join(missing)}: apt-get install {' '.join(missing)}")
+    source_spec = f"size={size},content=realistic,seed={args.seed}"
+    without_engine = engine_available()
+    out: IO[str] = sys.stdout
+    with tempfile.TemporaryDirectory(prefix="vfmig-bench-") as tmp:
+        work = Path(tmp)
+        state = work / "state.bin"
+        write_state(source_spec, state)
+        wire = compressed_size(state)
+        print(
+            f"state: {size / MiB:.0f} MiB realistic (seed {args.seed}); zstd -1 makes it "
+            f"{wire / MiB:.1f} MiB ({size / wire:.2f}x); {args.rounds} rounds per side",
+            file=out,
+        )
+        peer: list[Run] = []
+        ours: list[Run] = []
+        hwm: tuple[int, int] | None = None
+        with contextlib.ExitStack() as stack:
+            setup = None if without_engine else stack.enter_context(agents(work))
+            for number in range(args.rounds):
+                order = ("vfmig", "peer") if number % 2 == 0 else ("peer", "vfmig")
+                figures = []
+                for side in order:
+                    if side == "peer":
+                        peer.append(peer_round(state, work / "received.bin", work))
+                        figures.append(f"zstd|socat {peer[-1].seconds:6.2f} s")
+                    elif setup is not None:
+                        ours.append(vfmig_round(setup, source_spec, size, state, work))
+                        figures.append(f"vfmig {ours[-1].seconds:6.2f} s")
+                print(f"round {number + 1}: " + ", ".join(figures), file=out)
+            if setup is not None:
+                hwm = vm_hwm_kib(setup.processes[0].pid), vm_hwm_kib(setup.processes[1].pid)
+        peer_s = statistics.median(run.seconds for run in peer)
+        print(f"median zstd -1 | socat: {peer_s:6.2f} s {rate(size, peer_s)}", file=out)
+        if without_engine:
+            print(f"vfmig not measured: {without_engine}", file=out)
+            return 0
+        ours_s = statistics.median(run.seconds for run in ours)
+        print(f"median vfmig migrate:   {ours_s:6.2f} s {rate(size, ours_s)}", file=out)
+        print(
+            f"vfmig takes {ours_s / peer_s:.2f}x the time of zstd | socat "
+            f"({peer_s / ours_s * 100:.0f} % of its throughput)",
+            file=out,
+        )
+        assert hwm is not None
+        migrate_rss = max(run.peak_rss_kib for run in ours)
+        print(
+            f"peak RSS: source agent {hwm[0] / 1024:.0f} MiB, destination agent "
+            f"{hwm[1] / 1024:.0f} MiB, vfmig migrate {migrate_rss / 1024:.0f} MiB",
+            file=out,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        sys.exit(1)
