@@ -104,7 +104,9 @@ def precopy_run() -> list[tuple[int, Event]]:
     events.append(
         (
             2041 * MS,
-            RunFinished(outcome=Outcome.COMPLETED, exit_status=0, summary="1 pair migrated"),
+            RunFinished(
+                outcome=Outcome.COMPLETED, exit_status=0, summary="completed: 1 pair migrated"
+            ),
         )
     )
     return events
@@ -137,7 +139,8 @@ def test_human_units() -> None:
 
 
 def test_plain_lines_phases_progress_and_summary() -> None:
-    lines = plain(precopy_run(), names={SRC: "sim:src", DST: "sim:dst"})
+    names = {SRC: "sim:src,size=64MiB,seed=1@10.0.0.2:7300", DST: "vfio:0000:3b:00.1,iommu=group"}
+    lines = plain(precopy_run(), names=names)
     progress = [
         line
         for line in lines
@@ -145,32 +148,34 @@ def test_plain_lines_phases_progress_and_summary() -> None:
     ]
     assert lines[:5] == [
         "[   0.0s] phase preflight",
-        "pair 0: src0 sim:src -> dst0 sim:dst",
+        "pair 0: src0 sim:src@10.0.0.2:7300 -> dst0 vfio:0000:3b:00.1",
         "[   0.0s] phase setup",
         "[   0.0s] phase precopy",
-        "[   0.1s] precopy    6% src0 sim:src: 4.0 MiB of ~64.0 MiB, wire 1.3 MiB (3.00x), -, "
-        "precopy initial 64.0 MiB dirty 0 B",
+        "[   0.1s] precopy    6% src0 sim:src@10.0.0.2:7300: 4.0 MiB of ~64.0 MiB, "
+        "wire 1.3 MiB (3.00x), -, precopy initial 64.0 MiB dirty 0 B",
     ]
     # one progress line a second (0.1 s, 1.1 s), then one at the end of the stream and its check
     assert [line[:9] for line in progress] == ["[   0.1s]", "[   1.1s]", "[   1.9s]", "[   2.0s]"]
     assert progress[1] == (
-        "[   1.1s] precopy   66% src0 sim:src: 44.0 MiB of ~66.0 MiB, wire 14.7 MiB (3.00x), "
-        "40.0 MiB/s, precopy initial 32.0 MiB dirty 2.0 MiB, ETA 550 ms"
+        "[   1.1s] precopy   66% src0 sim:src@10.0.0.2:7300: 44.0 MiB of ~66.0 MiB, "
+        "wire 14.7 MiB (3.00x), 40.0 MiB/s, precopy initial 32.0 MiB dirty 2.0 MiB, ETA 550 ms"
     )
-    assert progress[2].startswith("[   1.9s] drained  100% src0 sim:src: 72.0 MiB of ~72.0 MiB")
-    assert progress[3].startswith("[   2.0s] verified 100% src0 sim:src: 72.0 MiB")
+    assert progress[2].startswith(
+        "[   1.9s] drained  100% src0 sim:src@10.0.0.2:7300: 72.0 MiB of ~72.0 MiB"
+    )
+    assert progress[3].startswith("[   2.0s] verified 100% src0 sim:src@10.0.0.2:7300: 72.0 MiB")
     assert "[   1.6s] decision downtime: estimate 80 ms <= 300 ms" in lines
     assert "[   2.0s] completed: 1 pair migrated" in lines
     tail = lines[lines.index("completed in 2.04 s") :]
     assert tail[1:5] == [
         "",
         "stream per device",
-        "device           time        raw       wire   ratio   throughput",
-        "-" * 64,
+        "device                         time        raw       wire   ratio   throughput",
+        "-" * 78,
     ]
     assert tail[5].split() == [
         "src0",
-        "sim:src",
+        "sim:src@10.0.0.2:7300",
         "1.85",
         "s",
         "72.0",
@@ -181,7 +186,7 @@ def test_plain_lines_phases_progress_and_summary() -> None:
         "38.9",
         "MiB/s",
     ]
-    assert tail[6].split()[:2] == ["dst0", "sim:dst"]
+    assert tail[6].split()[:2] == ["dst0", "vfio:0000:3b:00.1"]
     phases = {line.split()[0]: line.split()[1:] for line in tail[11:18]}
     assert list(phases) == [
         "preflight",
@@ -276,12 +281,12 @@ def test_errors_hangs_and_a_failed_run() -> None:
         (5 * MS, error),
         (6 * MS, hung),
         phase(7, Phase.ROLLBACK, Phase.RESUME),
-        (9 * MS, RunFinished(outcome=Outcome.FAILED, exit_status=1, summary="rolled back")),
+        (9 * MS, RunFinished(outcome=Outcome.FAILED, exit_status=1, summary="failed: rolled back")),
     ]
-    lines = plain(events, names={DST: "sim:dst"})
+    lines = plain(events, names={DST: "the destination"})
     assert lines[:6] == [
         "[   0.0s] phase resume",
-        "[   0.0s] error dst0 sim:dst: RESUMING>STOP: "
+        "[   0.0s] error dst0 the destination: RESUMING>STOP: "
         "the destination rejected the migration data (EINVAL)",
         "          hint: check that both devices are of the same type",
         "[   0.0s] HUNG src0: STOP_COPY>STOP towards STOP (last state STOP_COPY)",

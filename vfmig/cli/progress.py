@@ -23,7 +23,11 @@ Interface (for the engine / ``vfmig migrate``)
   (:func:`vfmig.core.events.tally`); pass a :class:`~vfmig.core.events.Summary` to show
   another (a merged multi-host journal's). Idempotent.
 * ``names`` maps a :class:`~vfmig.core.model.DeviceId` to what the user typed (its spec);
-  without it devices show as ``src0``, ``dst0``.
+  a spec is shown without its options (``src0 sim:src@10.0.0.2:7300``). Without it
+  devices show as ``src0``, ``dst0``.
+* Feed it every event: it adds up the chunks itself, so an event it misses (a lossy bus
+  subscription that lagged) makes its live figures low; the summary is then best taken
+  from a complete fold and passed to ``close(summary)``.
 
 Theory of operation
 -------------------
@@ -48,6 +52,7 @@ more when a stream ends or its digest is checked.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Self
@@ -59,7 +64,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from vfmig.core.errors import errno_name
+from vfmig.core.errors import SpecError, errno_name
 from vfmig.core.events import (
     ChunkSent,
     DataSizeSampled,
@@ -76,6 +81,7 @@ from vfmig.core.events import (
     tally,
 )
 from vfmig.core.model import DeviceId, Phase, Role
+from vfmig.core.spec import Options, parse_spec
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -122,6 +128,15 @@ def human_time(ns: int | float) -> str:
         return f"{seconds:.2f} s"
     minutes, rest = divmod(round(seconds), 60)
     return f"{minutes}m{rest:02d}s"
+
+
+def short_name(name: str) -> str:
+    """A device spec without its options (``sim:src@host:7300``); other names as given."""
+    try:
+        spec = parse_spec(name)
+    except SpecError:
+        return name
+    return str(dataclasses.replace(spec, options=Options()))
 
 
 def human_ratio(ratio: float | None) -> str:
@@ -222,7 +237,7 @@ class ProgressDisplay:
 
     def name(self, dev: DeviceId) -> str:
         given = self.names.get(dev)
-        return f"{dev} {given}" if given else str(dev)
+        return f"{dev} {short_name(given)}" if given else str(dev)
 
     def _say(self, text: str) -> None:
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
@@ -285,8 +300,8 @@ class ProgressDisplay:
                 where = f" (last state {state.name})" if state is not None else ""
                 towards = f" towards {target.name}" if target is not None else ""
                 self._say(f"{self._stamp(now)} HUNG {self.name(dev)}: {step}{towards}{where}")
-            case RunFinished(outcome=outcome, summary=text):
-                self._say(f"{self._stamp(now)} {outcome.value}: {text}")
+            case RunFinished(summary=text):
+                self._say(f"{self._stamp(now)} {text}")
         self._show(now)
 
     def _error(self, now: int, event: ErrorRaised) -> None:
