@@ -14,7 +14,9 @@ Both sides move the same bytes over loopback on the same machine in the same run
 Rounds alternate which side goes first. Each round's result is checked (the dumped or
 received file must equal the source state) outside the timed region. Printed: every
 round, both medians, their ratio, and the peak RSS (VmHWM) of each agent and of the
-migrate command. Times are wall-clock of the whole command, process start-up included.
+migrate command. Times are wall-clock of the whole command, process start-up included;
+vfmig's own run time (``total_ms`` of ``vfmig migrate --json``: without the interpreter's
+start-up) is shown next to it.
 
 Until ``vfmig migrate`` and ``vfmig agent`` exist, only the peer half runs (and says so).
 Needs ``socat`` and ``zstd`` (Debian: ``apt-get install socat zstd``).
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -60,6 +63,7 @@ class BenchError(Exception):
 class Run:
     seconds: float
     peak_rss_kib: int  #: ru_maxrss of the measured process (the last one of a pipeline)
+    run_seconds: float | None = None  #: the run's own time, as ``vfmig migrate --json`` says
 
 
 def free_port() -> int:
@@ -201,20 +205,23 @@ def vfmig_round(setup: Agents, source_spec: str, size: int, state: Path, logs: P
         "--key-file",
         str(setup.key),
         "--no-precopy",
+        "--json",
     ]
-    out = logs / "migrate.log"
-    with open(out, "wb") as log:
+    out, err = logs / "migrate.json", logs / "migrate.log"
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr)
         try:
             done = wait_measured(process, "vfmig migrate")
         except BenchError as exc:
-            raise BenchError(f"{exc}:\n{tail(out)}") from None
+            raise BenchError(f"{exc}:\n{tail(err)}") from None
         seconds = time.perf_counter() - start
     if not dump.exists() or file_digest(dump) != file_digest(state):
         raise BenchError("the destination's dump differs from the source state")
     dump.unlink()
-    return Run(seconds=seconds, peak_rss_kib=done.peak_rss_kib)
+    total_ms = json.loads(out.read_text()).get("result", {}).get("total_ms")
+    run_seconds = total_ms / 1000 if isinstance(total_ms, int | float) else None
+    return Run(seconds=seconds, peak_rss_kib=done.peak_rss_kib, run_seconds=run_seconds)
 
 
 def engine_available() -> str | None:
@@ -294,7 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         figures.append(f"zstd|socat {peer[-1].seconds:6.2f} s")
                     elif setup is not None:
                         ours.append(vfmig_round(setup, source_spec, size, state, work))
-                        figures.append(f"vfmig {ours[-1].seconds:6.2f} s")
+                        run = ours[-1].run_seconds
+                        inner = f" (run {run:.2f} s)" if run is not None else ""
+                        figures.append(f"vfmig {ours[-1].seconds:6.2f} s{inner}")
                 print(f"round {number + 1}: " + ", ".join(figures), file=out)
             if setup is not None:
                 hwm = vm_hwm_kib(setup.processes[0].pid), vm_hwm_kib(setup.processes[1].pid)
@@ -305,6 +314,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         ours_s = statistics.median(run.seconds for run in ours)
         print(f"median vfmig migrate:   {ours_s:6.2f} s {rate(size, ours_s)}", file=out)
+        measured = [run.run_seconds for run in ours if run.run_seconds is not None]
+        if measured:
+            run_s = statistics.median(measured)
+            print(
+                f"  of which the run itself (without start-up): {run_s:6.2f} s {rate(size, run_s)}",
+                file=out,
+            )
         print(
             f"vfmig takes {ours_s / peer_s:.2f}x the time of zstd | socat "
             f"({peer_s / ours_s * 100:.0f} % of its throughput)",
