@@ -885,3 +885,16 @@ def test_memory_does_not_grow_with_the_state(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     peak_mib = int(result.stdout) / 1024
     assert peak_mib < 100, f"peak RSS {peak_mib:.0f} MiB"
+
+
+def test_probe_features_answers_like_a_driver_without_dirty_tracking() -> None:
+    from vfmig.device.open import open_device
+
+    with open_device("sim:probe") as device:
+        answers = device.probe_features()  # type: ignore[attr-defined]
+        state = device.get_state()
+    assert answers["MIGRATION"] == answers["MIG_DEVICE_STATE"] == "supported"
+    assert answers["MIG_DATA_SIZE"] == "supported"
+    assert answers["DMA_LOGGING_START"] == "ENOTTY"
+    assert answers["DMA_BUF"] == "ENOTTY"
+    assert state.name == "RUNNING"

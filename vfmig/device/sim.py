@@ -514,6 +514,24 @@ class SimDevice(MigrationDevice):
         for first in range(0, self.pages, BLOCK_PAGES):
             yield self.read_pages(first, min(BLOCK_PAGES, self.pages - first))
 
+    def probe_features(self) -> dict[str, str]:
+        """What a VFIO_DEVICE_FEATURE PROBE of each known feature would answer.
+
+        The simulated device implements the migration features and nothing else: no DMA
+        logging (no dirty tracking), no precopy info v2, no power management, no DMA-BUF.
+        """
+        from vfmig.device import _uapi as uapi
+
+        implemented = {
+            uapi.FeatureId.MIGRATION,
+            uapi.FeatureId.MIG_DEVICE_STATE,
+            uapi.FeatureId.MIG_DATA_SIZE,
+        }
+        return {
+            feature.name: "supported" if feature in implemented else "ENOTTY"
+            for feature in uapi.FeatureId
+        }
+
     def content_digest(self) -> str:
         """blake2b-256 (hex) of the device's current state content, computed in 1 MiB blocks."""
         digest = hashlib.blake2b(digest_size=32)
