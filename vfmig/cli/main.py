@@ -15,14 +15,14 @@ import traceback
 from typing import TYPE_CHECKING
 
 from vfmig import __version__
-from vfmig.cli import devices, fsm, inspect, keygen, recover
+from vfmig.cli import agent, devices, fsm, inspect, keygen, migrate, recover
 from vfmig.cli.context import Environment
 from vfmig.core.errors import ExitStatus, VfmigError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-SUBCOMMANDS = (fsm, devices, inspect, keygen, recover)
+SUBCOMMANDS = (fsm, devices, inspect, migrate, agent, keygen, recover)
 
 
 def build_parser() -> argparse.ArgumentParser:

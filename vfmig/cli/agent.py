@@ -1,0 +1,164 @@
+"""``vfmig agent``: serve this host's devices to orchestrators (``vfmig migrate ...@HOST:PORT``).
+
+The agent listens on loopback unless ``--listen`` names another address, authenticates
+every peer with the shared key (``--key-file``; the file must be private to its owner),
+optionally over TLS, and opens only what ``--allow`` lists (every device if it is not
+given). Simulated devices' files (image=, dump=, state-dir=) are confined to
+``--sim-dir``. It logs one line per significant event to stderr, never the key.
+SIGTERM or Ctrl-C stops it gracefully: every migration it still serves is brought to
+rest by the failure policy first.
+
+trio and the engine are imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+from vfmig.core.errors import UsageError
+
+if TYPE_CHECKING:
+    import argparse
+
+    from vfmig.cli.context import Environment
+    from vfmig.engine.agent import AgentConfig
+
+#: Where an agent listens when --listen is not given (loopback only).
+DEFAULT_LISTEN = "127.0.0.1:7300"
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from pathlib import Path
+
+    parser = sub.add_parser(
+        "agent",
+        help="serve this host's devices to vfmig migrate (authenticated, loopback by default)",
+        description="Run the per-host agent: it opens this host's devices for orchestrators "
+        "that know the shared key, streams device data directly to the peer agent, and "
+        "brings its devices back by the failure policy if it loses its orchestrator.",
+    )
+    parser.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"control address (default {DEFAULT_LISTEN}; port 0 picks one); data streams "
+        "use a second port on the same host",
+    )
+    parser.add_argument(
+        "--key-file", type=Path, required=True, metavar="PATH", help="shared key (vfmig keygen)"
+    )
+    parser.add_argument("--tls-cert", type=Path, metavar="PATH", help="server certificate (PEM)")
+    parser.add_argument("--tls-key", type=Path, metavar="PATH", help="its private key (PEM)")
+    parser.add_argument(
+        "--tls-ca",
+        type=Path,
+        metavar="PATH",
+        help="CA for peers: require their client certificates, verify peer agents",
+    )
+    parser.add_argument(
+        "--sim-dir",
+        type=Path,
+        metavar="DIR",
+        help="directory for simulated devices' image=, dump= and state-dir= files",
+    )
+    parser.add_argument(
+        "--allow",
+        nargs="+",
+        metavar="DEVICE",
+        help="devices this agent may open, as KIND:NAME (default: any)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="wait this long after losing an orchestrator before falling back (default 2)",
+    )
+    parser.set_defaults(run=run)
+
+
+def _tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    cert, key, ca = args.tls_cert, args.tls_key, args.tls_ca
+    if cert is None and key is None and ca is None:
+        return None, None
+    if cert is None or key is None:
+        raise UsageError("an agent with TLS needs --tls-cert and --tls-key")
+    try:
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server.load_cert_chain(str(cert), str(key))
+        client = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+        client.load_cert_chain(str(cert), str(key))
+        if ca is not None:
+            server.load_verify_locations(cafile=str(ca))
+            server.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the TLS files: {exc}") from None
+    return server, client
+
+
+def run(args: argparse.Namespace, env: Environment) -> int:
+    from vfmig.engine.keys import load_key
+    from vfmig.engine.link import split_address
+
+    try:
+        host, port = split_address(args.listen)
+    except ValueError:
+        raise UsageError(
+            f"--listen {args.listen!r} is not HOST:PORT", hint=f"e.g. --listen {DEFAULT_LISTEN}"
+        ) from None
+    key = load_key(args.key_file)
+    sim_dir = args.sim_dir
+    if sim_dir is not None and not sim_dir.is_dir():
+        raise UsageError(f"--sim-dir {sim_dir} is not a directory")
+    if not args.grace >= 0:
+        raise UsageError("--grace must be zero or more seconds")
+    server_tls, client_tls = _tls(args)
+
+    import trio
+
+    from vfmig.engine.agent import AgentConfig
+
+    def log(line: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        print(f"{stamp} vfmig agent: {line}", file=env.stderr, flush=True)
+
+    config = AgentConfig(
+        name=f"agent {args.listen}",
+        key=key,
+        sim_dir=sim_dir,
+        allow=frozenset(args.allow) if args.allow else None,
+        grace=args.grace,
+        server_ssl=server_tls,
+        client_ssl=client_tls,
+        log=log,
+    )
+    try:
+        trio.run(_serve, config, host, port)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
+    return 0
+
+
+async def _serve(config: AgentConfig, host: str, port: int) -> None:
+    import signal
+
+    import trio
+
+    from vfmig.engine.agent import Agent, serve_tcp
+
+    agent = Agent(config)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(agent.run)
+            control, data = await nursery.start(serve_tcp, agent, host, port)
+            shown = f"[{host}]" if ":" in host else host
+            agent.log(f"listening on {shown}:{control} (data port {data}), pid {os.getpid()}")
+            async for number in signals:
+                agent.log(f"{signal.Signals(number).name}: stopping")
+                break
+            await agent.shutdown()
+            nursery.cancel_scope.cancel()
+    agent.log("stopped")

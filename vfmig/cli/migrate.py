@@ -1,0 +1,343 @@
+"""``vfmig migrate SRC DST [SRC DST ...]``: migrate devices' state, live, source to destination.
+
+Each pair's spec names a device here (``sim:a``, ``vfio:0000:3b:00.1``) or on the host of an
+agent (``...@HOST:PORT``, reached with ``--key-file``). Devices of this host are served by
+agent code inside this process over an in-process link; device data always flows directly
+from the source's agent to the destination's. The run follows the phase machine
+(:mod:`vfmig.core.phases`) and the failure policy (docs/failure-policy.md): on a failure
+or Ctrl-C before the commit point every device is brought back, after it the commit is
+finished. The exit status is the outcome's (0 completed, 1 failed, 2 usage, 3 refused,
+4 peer lost, 5 in doubt, 6 hung, 130 interrupted).
+
+This module starts fast: trio and the engine are imported only when the command runs, and
+textual never.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import TYPE_CHECKING, Any
+
+from vfmig.core.errors import UsageError, errno_name
+from vfmig.core.spec import parse_spec
+
+if TYPE_CHECKING:
+    import argparse
+    from pathlib import Path
+
+    from vfmig.cli.context import Environment
+    from vfmig.cli.progress import ProgressDisplay
+    from vfmig.core.spec import DeviceSpec
+    from vfmig.engine.bus import Subscription
+    from vfmig.engine.orchestrator import Orchestrator, RunReport
+
+#: Step timeout (seconds) when --timeout is not given.
+DEFAULT_STEP_TIMEOUT = 30.0
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from pathlib import Path
+
+    parser = sub.add_parser(
+        "migrate",
+        help="migrate devices from sources to destinations (live, with precopy)",
+        description="Migrate each SRC device's state to its DST device: precopy while the "
+        "source runs (when both have PRE_COPY), stop-copy, then resume the destination. "
+        "A spec with @HOST:PORT names a device of the agent there (vfmig agent); device "
+        "data flows directly between agents. On failure or Ctrl-C before the commit point "
+        "every device is brought back.",
+    )
+    parser.add_argument(
+        "devices",
+        nargs="+",
+        metavar="SRC DST",
+        help="device specs in pairs: KIND:NAME[,key=value]...[@HOST:PORT]",
+    )
+    parser.add_argument(
+        "--key-file", type=Path, metavar="PATH", help="shared key of the agents (vfmig keygen)"
+    )
+    parser.add_argument("--tls-cert", type=Path, metavar="PATH", help="client certificate (PEM)")
+    parser.add_argument("--tls-key", type=Path, metavar="PATH", help="its private key (PEM)")
+    parser.add_argument(
+        "--tls-ca", type=Path, metavar="PATH", help="CA that signed the agents' certificates"
+    )
+    parser.add_argument(
+        "--downtime-limit",
+        type=_positive,
+        default=300.0,
+        metavar="MS",
+        help="switch over once the stop-copy transfer is estimated within this (default 300)",
+    )
+    parser.add_argument(
+        "--max-precopy",
+        type=_positive,
+        default=120.0,
+        metavar="SECONDS",
+        help="switch over after this much precopy at the latest (default 120)",
+    )
+    parser.add_argument("--no-precopy", action="store_true", help="stop-copy only")
+    parser.add_argument(
+        "--allow-no-p2p",
+        action="store_true",
+        help="allow a multi-device run although a device lacks P2P",
+    )
+    parser.add_argument(
+        "--compress-level",
+        type=_level,
+        default=-1,
+        metavar="N",
+        help="zstd level for device data, -7..22, or 'none' (default -1)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive,
+        default=DEFAULT_STEP_TIMEOUT,
+        metavar="SECONDS",
+        help="a device step (ioctl, data read or write) taking longer counts as hung "
+        f"(default {DEFAULT_STEP_TIMEOUT:g})",
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON envelope")
+    parser.set_defaults(run=run)
+
+
+def _positive(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def _level(text: str) -> int | None:
+    import argparse
+
+    if text == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a zstd level or 'none'") from None
+    if not -7 <= value <= 22:
+        raise argparse.ArgumentTypeError(f"{value} is outside -7..22")
+    return value
+
+
+def pairs_of(texts: list[str]) -> list[tuple[DeviceSpec, DeviceSpec]]:
+    """SRC DST SRC DST ... as parsed pairs (UsageError for an odd count)."""
+    if len(texts) % 2:
+        raise UsageError(
+            f"devices come in pairs, SRC DST, but {len(texts)} were given",
+            hint="vfmig migrate sim:a sim:b  (add @HOST:PORT for a device of an agent)",
+        )
+    specs = [parse_spec(text) for text in texts]
+    return list(zip(specs[::2], specs[1::2], strict=True))
+
+
+def client_tls(cert: Path | None, key: Path | None, ca: Path | None) -> ssl.SSLContext | None:
+    """A TLS client context from --tls-*, or None for plain TCP."""
+    if cert is None and key is None and ca is None:
+        return None
+    if (cert is None) != (key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    try:
+        context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+        if cert is not None and key is not None:
+            context.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the TLS files: {exc}") from None
+    return context
+
+
+def run(args: argparse.Namespace, env: Environment) -> int:
+    pairs = pairs_of(args.devices)
+    remote = any(spec.remote for pair in pairs for spec in pair)
+    key: bytes | None = None
+    if args.key_file is not None:
+        from vfmig.engine.keys import load_key
+
+        key = load_key(args.key_file)
+    elif remote:
+        raise UsageError(
+            "devices of agents (@HOST:PORT) need the shared key: --key-file PATH",
+            hint="create one with 'vfmig keygen PATH' and give the same file to every agent",
+        )
+    tls = client_tls(args.tls_cert, args.tls_key, args.tls_ca)
+
+    import trio
+
+    report = trio.run(_migrate, args, env, pairs, key, tls)
+    if args.json:
+        env.emit_json("migrate", _json_result(report), error=_json_error(report))
+    else:
+        _print_errors(env, report)
+    return int(report.outcome.exit_status)
+
+
+async def _migrate(
+    args: argparse.Namespace,
+    env: Environment,
+    pairs: list[tuple[DeviceSpec, DeviceSpec]],
+    key: bytes | None,
+    tls: ssl.SSLContext | None,
+) -> RunReport:
+    import signal
+    from functools import partial
+
+    import trio
+
+    from vfmig.core.events import summarize
+    from vfmig.core.phases import MachineConfig, PhaseTimeouts, PrecopyMode
+    from vfmig.core.policy import ConvergenceConfig
+    from vfmig.engine.agent import AgentConfig
+    from vfmig.engine.bus import EventBus, Ring
+    from vfmig.engine.link import connect
+    from vfmig.engine.local import LocalAgent
+    from vfmig.engine.orchestrator import Endpoint, Orchestrator, OrchestratorConfig
+
+    step = float(args.timeout)
+    max_precopy_ns = int(args.max_precopy * 1e9)
+    defaults = PhaseTimeouts()
+    machine = MachineConfig(
+        precopy=PrecopyMode.OFF if args.no_precopy else PrecopyMode.AUTO,
+        allow_no_p2p=args.allow_no_p2p,
+        convergence=ConvergenceConfig(
+            downtime_limit_ns=int(args.downtime_limit * 1e6), max_precopy_ns=max_precopy_ns
+        ),
+        timeouts=PhaseTimeouts(precopy_ns=max(defaults.precopy_ns, max_precopy_ns + 60 * 10**9)),
+        step_timeout_ns=int(step * 1e9),
+    )
+    config = OrchestratorConfig(machine=machine, compress_level=args.compress_level)
+    bus = EventBus()
+
+    async def remote(address: str) -> tuple[trio.abc.Stream, bytes | None]:
+        return await connect(address, ssl_context=tls), key
+
+    endpoints: dict[str, Endpoint] = {}
+    for spec in (spec for pair in pairs for spec in pair):
+        if spec.address is not None and spec.address not in endpoints:
+            endpoints[spec.address] = Endpoint(
+                host=spec.address, connect=partial(remote, spec.address)
+            )
+
+    display = None
+    if not args.json:
+        from vfmig.cli.progress import ProgressDisplay
+        from vfmig.core.model import destination, source
+
+        names = {}
+        for i, (src, dst) in enumerate(pairs):
+            names[source(i)], names[destination(i)] = str(src), str(dst)
+        display = ProgressDisplay(env, live=env.stdout_isatty, names=names)
+    failure: Exception | None = None
+    report: RunReport | None = None
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            if any(not spec.remote for pair in pairs for spec in pair):
+                local = LocalAgent(
+                    AgentConfig(name="local", key=key, step_timeout=step, client_ssl=tls)
+                )
+                await nursery.start(local.run)
+                endpoints["local"] = local.endpoint()
+            orchestrator = Orchestrator(pairs, endpoints, bus, config)
+            nursery.start_soon(_on_signals, signals, orchestrator)
+            shown = trio.Event()
+            if display is not None:
+                nursery.start_soon(_show, display, bus.subscribe(Ring(4096)), shown)
+            else:
+                shown.set()
+            try:
+                report = await orchestrator.run()
+            except Exception as exc:  # re-raised outside the nursery (a VfmigError)
+                failure = exc
+            bus.close()
+            await shown.wait()
+            nursery.cancel_scope.cancel()
+    if display is not None:
+        display.close(summarize(report.tally) if report is not None else None)
+    if failure is not None:
+        raise failure
+    assert report is not None
+    return report
+
+
+async def _on_signals(signals: Any, orchestrator: Orchestrator) -> None:
+    import signal
+
+    async for number in signals:
+        name = signal.Signals(number).name
+        await orchestrator.abort("interrupted by the user", name)
+
+
+async def _show(display: ProgressDisplay, subscription: Subscription, shown: Any) -> None:
+    """Feed the display until the bus closes (lagging, it skips records: the summary at the
+    end comes from the orchestrator's complete tally)."""
+    from vfmig.engine.bus import Record
+
+    async for item in subscription:
+        if isinstance(item, Record):
+            display.handle(item.event, at_ns=item.at_ns)
+    shown.set()
+
+
+def _print_errors(env: Environment, report: RunReport) -> None:
+    """One line per error a failed run met (device, phase, step, errno, explanation)."""
+    from vfmig.core.model import Outcome
+
+    if report.outcome is Outcome.COMPLETED and not report.errors:
+        return
+    for error in report.errors:
+        who = f"{error.device} ({report.names[error.device]}): " if error.device else ""
+        code = f" ({errno_name(error.errno)})" if error.errno is not None else ""
+        print(
+            f"vfmig: error: {who}{error.phase.value}: {error.step}: {error.message}{code}",
+            file=env.stderr,
+        )
+        if error.hint:
+            print(f"hint: {error.hint}", file=env.stderr)
+    print(f"vfmig: {report.summary}", file=env.stderr)
+
+
+def _json_result(report: RunReport) -> dict[str, Any]:
+    from vfmig.core.events import summarize
+
+    summary = summarize(report.tally)
+    downtime = summary.downtime
+    return {
+        "run": report.run,
+        "outcome": report.outcome.value,
+        "exit_status": int(report.outcome.exit_status),
+        "summary": report.summary,
+        "devices": {str(dev): name for dev, name in report.names.items()},
+        "bytes": {
+            str(dev): {"raw": t.raw_bytes, "wire": t.wire_bytes}
+            for dev, t in summary.devices.items()
+        },
+        "total_ms": summary.total_ns / 1e6,
+        "downtime_ms": None if downtime is None else downtime.total_ns / 1e6,
+        "errors": [
+            {
+                "device": None if e.device is None else str(e.device),
+                "spec": None if e.device is None else report.names[e.device],
+                "phase": e.phase.value,
+                "step": e.step,
+                "errno": e.errno,
+                "errno_name": None if e.errno is None else errno_name(e.errno),
+                "cause": e.cause.value,
+                "message": e.message,
+                "hint": e.hint,
+            }
+            for e in report.errors
+        ],
+    }
+
+
+def _json_error(report: RunReport) -> dict[str, Any] | None:
+    from vfmig.core.model import Outcome
+
+    if report.outcome is Outcome.COMPLETED:
+        return None
+    return {"outcome": report.outcome.value, "message": report.summary}
