@@ -13,10 +13,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=strict
 	@touch $@
 
-## demo: the main job on simulated devices
+## demo: a live migration between two simulated devices -- 256 MiB of realistic state,
+## dirtied at 20 MiB/s while precopy runs -- with progress and summary, then a check that
+## the destination's state (dumped to a file) is exactly the source's
+DEMO := .cache/demo
+DEMO_SRC := sim:src,size=256MiB,content=realistic,state-dir=$(DEMO)/src
 demo: $(STAMP)
-	$(BIN)/vfmig inspect 'sim:demo,size=4MiB,flags=stop-copy+p2p+pre-copy'
-	$(BIN)/vfmig fsm path RUNNING STOP_COPY
+	@rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(BIN)/vfmig migrate '$(DEMO_SRC),dirty-rate=20MiB' 'sim:dst,size=256MiB,dump=$(DEMO)/dst.bin'
+	$(BIN)/python examples/compare_state.py '$(DEMO_SRC)' $(DEMO)/dst.bin
 
 ## test: lint, type check and the whole test suite (what CI runs)
 test: check unit
