@@ -42,6 +42,12 @@ RUNS: dict[str, tuple[str, Setup, int, str]] = {
         0,
         "destination state equals the source's: yes",
     ),
+    "migrate_api": (
+        "migrate_api.py",
+        lambda _: ["--size", "8MiB"],
+        0,
+        "source left in STOP; destination state equals it: yes",
+    ),
     "compare_state": (
         "compare_state.py",
         left_by_a_migration,
