@@ -237,11 +237,13 @@ def test_a_run_without_precopy_estimates_from_mig_data_size() -> None:
     events = [*opened(0, 100 * MiB), phase(0, Phase.STOPCOPY, None)]
     events += chunk(1000, 0, 50 * MiB, 10 * MiB)
     events += chunk(2000, 1, 25 * MiB, 5 * MiB)
+    events += chunk(3000, 2, 25 * MiB, 5 * MiB)  # all of the estimate, no end of stream yet
     lines = [line for line in plain(events) if " src0: " in line]
     assert lines == [
         "[   1.0s] stopcopy  50% src0: 50.0 MiB of ~100.0 MiB, wire 10.0 MiB (5.00x), -",
         "[   2.0s] stopcopy  75% src0: 75.0 MiB of ~100.0 MiB, wire 15.0 MiB (5.00x), "
         "25.0 MiB/s, ETA 1.00 s",
+        "[   3.0s] stopcopy 100% src0: 100.0 MiB of ~100.0 MiB, wire 20.0 MiB (5.00x), 25.0 MiB/s",
     ]
 
 

@@ -178,7 +178,7 @@ class _Pair:
 
     def eta_ns(self) -> int | None:
         total, rate = self.total, self.rate()
-        if total is None or not rate or self.drained:
+        if total is None or total <= self.raw or not rate:
             return None
         return int((total - self.raw) / rate * NS_PER_S)
 
