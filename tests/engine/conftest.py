@@ -23,16 +23,32 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import trio
 
 from vfmig.cli.context import Environment
 from vfmig.cli.main import main
 from vfmig.core.fsm import DeviceState
+from vfmig.core.phases import MachineConfig
+from vfmig.core.spec import parse_spec
 from vfmig.device.open import open_device
 from vfmig.device.sim import release_hangs
-from vfmig.engine.keys import create_key
+from vfmig.engine.agent import Agent, AgentConfig, serve_tcp
+from vfmig.engine.bus import EventBus
+from vfmig.engine.keys import create_key, load_key
+from vfmig.engine.link import connect
+from vfmig.engine.orchestrator import (
+    LOCAL,
+    Endpoint,
+    Orchestrator,
+    OrchestratorConfig,
+    RunReport,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Awaitable, Callable, Iterator
+
+    from vfmig.core.model import Action
+    from vfmig.engine.local import LocalAgent
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -100,10 +116,12 @@ class Sims:
         self.specs[name] = local
         return local + (f"@{at}" if at else "")
 
-    def state(self, name: str) -> DeviceState:
-        """The device's state as its simulated debugfs shows it."""
-        text = (self.root / name / "debugfs" / "vfio" / name / "migration" / "state").read_text()
-        return DeviceState[text.strip()]
+    def state(self, name: str) -> DeviceState | None:
+        """The device's state as its simulated debugfs shows it (None: never opened)."""
+        path = self.root / name / "debugfs" / "vfio" / name / "migration" / "state"
+        if not path.exists():
+            return None
+        return DeviceState[path.read_text().strip()]
 
     def image(self, name: str) -> bytes:
         return (self.root / f"{name}.img").read_bytes()
@@ -185,8 +203,10 @@ class AgentProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        assert self.process.stderr is not None
-        self.log += self.process.stderr.read().splitlines()
+        stderr = self.process.stderr
+        if stderr is not None and not stderr.closed:
+            self.log += stderr.read().splitlines()
+            stderr.close()
         return self.process.returncode
 
 
@@ -221,3 +241,115 @@ def agent_process(tmp_path: Path) -> Iterator[object]:
     yield start
     for agent in started:
         agent.stop()
+
+
+class Cuttable(trio.abc.Stream):
+    """A stream the test can cut like a pulled cable: both ends see the link lost."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.transport_stream = inner
+
+    async def cut(self) -> None:
+        await trio.aclose_forcefully(self.inner)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@dataclass
+class RunningAgent:
+    agent: Agent
+    address: str
+    sims: Sims
+    log: list[str]
+
+
+@dataclass
+class Cluster:
+    """Agents over loopback TCP in this test's process, and orchestrators driving them.
+
+    ``await cluster.agent(sims)`` starts an agent whose --sim-dir is ``sims.root``;
+    ``await cluster.migrate(pairs)`` runs one migration and returns its report. Every
+    control link the orchestrators open is :class:`Cuttable` (``cluster.cut_orchestrator()``).
+    """
+
+    nursery: trio.Nursery
+    key: bytes
+    tmp: Path
+    agents: list[RunningAgent] = field(default_factory=list)
+    links: list[Cuttable] = field(default_factory=list)
+    bus: EventBus | None = None
+
+    async def agent(self, sims: Sims, **config: object) -> RunningAgent:
+        log: list[str] = []
+        options: dict[str, object] = {"grace": 0.05, "step_timeout": 10.0, **config}
+        name = f"agent{len(self.agents)}"
+        agent = Agent(
+            AgentConfig(name=name, key=self.key, sim_dir=sims.root, log=log.append, **options)  # type: ignore[arg-type]
+        )
+        await self.nursery.start(agent.run)
+        control, _ = await self.nursery.start(serve_tcp, agent, "127.0.0.1", 0)
+        running = RunningAgent(agent, f"127.0.0.1:{control}", sims, log)
+        self.agents.append(running)
+        return running
+
+    async def _connect(
+        self, address: str, key: bytes | None
+    ) -> tuple[trio.abc.Stream, bytes | None]:
+        stream = Cuttable(await connect(address))
+        self.links.append(stream)
+        return stream, key
+
+    async def cut_orchestrator(self) -> None:
+        """Every orchestrator link dies at once (as if its process was killed)."""
+        for link in self.links:
+            await link.cut()
+
+    async def migrate(
+        self,
+        pairs: list[tuple[str, str]],
+        *,
+        machine: MachineConfig | None = None,
+        key: bytes | None = None,
+        trace: Callable[[Action], Awaitable[None]] | None = None,
+        local: LocalAgent | None = None,
+    ) -> RunReport:
+        specs = [(parse_spec(a), parse_spec(b)) for a, b in pairs]
+        use = self.key if key is None else key
+        endpoints = {
+            spec.address: Endpoint(
+                host=spec.address,
+                connect=lambda address=spec.address: self._connect(address, use),
+            )
+            for pair in specs
+            for spec in pair
+            if spec.address is not None
+        }
+        if local is not None:
+            endpoints[LOCAL] = local.endpoint()
+        self.bus = EventBus()
+        config = OrchestratorConfig(machine=machine or MachineConfig(step_timeout_ns=10**10))
+        orchestrator = Orchestrator(specs, endpoints, self.bus, config, trace=trace)
+        with trio.fail_after(60):
+            return await orchestrator.run()
+
+    async def settle(self) -> None:
+        """Wait until every agent holds no device (runs closed, fallbacks done)."""
+        with trio.fail_after(30):
+            for running in self.agents:
+                await running.agent.wait_idle()
+
+
+@pytest.fixture
+async def cluster(nursery: trio.Nursery, key_file: Path, tmp_path: Path) -> Cluster:
+    return Cluster(nursery, load_key(key_file), tmp_path)

@@ -14,6 +14,7 @@ trio and the engine are imported only when the command runs.
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 import time
 from typing import TYPE_CHECKING
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace, env: Environment) -> int:
         print(f"{stamp} vfmig agent: {line}", file=env.stderr, flush=True)
 
     config = AgentConfig(
-        name=f"agent {args.listen}",
+        name=f"agent on {socket.gethostname()}",
         key=key,
         sim_dir=sim_dir,
         allow=frozenset(args.allow) if args.allow else None,

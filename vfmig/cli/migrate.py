@@ -23,7 +23,10 @@ from vfmig.core.spec import parse_spec
 
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Callable
     from pathlib import Path
+
+    import trio
 
     from vfmig.cli.context import Environment
     from vfmig.cli.progress import ProgressDisplay
@@ -189,7 +192,9 @@ async def _migrate(
 
     import trio
 
+    from vfmig.cli.progress import ProgressDisplay
     from vfmig.core.events import summarize
+    from vfmig.core.model import destination, source
     from vfmig.core.phases import MachineConfig, PhaseTimeouts, PrecopyMode
     from vfmig.core.policy import ConvergenceConfig
     from vfmig.engine.agent import AgentConfig
@@ -223,15 +228,10 @@ async def _migrate(
                 host=spec.address, connect=partial(remote, spec.address)
             )
 
-    display = None
-    if not args.json:
-        from vfmig.cli.progress import ProgressDisplay
-        from vfmig.core.model import destination, source
-
-        names = {}
-        for i, (src, dst) in enumerate(pairs):
-            names[source(i)], names[destination(i)] = str(src), str(dst)
-        display = ProgressDisplay(env, live=env.stdout_isatty, names=names)
+    names = {}
+    for i, (src, dst) in enumerate(pairs):
+        names[source(i)], names[destination(i)] = str(src), str(dst)
+    shown: list[ProgressDisplay] = []  # created at the first event: none if nothing happened
     failure: Exception | None = None
     report: RunReport | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -244,19 +244,20 @@ async def _migrate(
                 endpoints["local"] = local.endpoint()
             orchestrator = Orchestrator(pairs, endpoints, bus, config)
             nursery.start_soon(_on_signals, signals, orchestrator)
-            shown = trio.Event()
-            if display is not None:
-                nursery.start_soon(_show, display, bus.subscribe(Ring(4096)), shown)
+            done = trio.Event()
+            if args.json:
+                done.set()
             else:
-                shown.set()
+                make = partial(ProgressDisplay, env, live=env.stdout_isatty, names=names)
+                nursery.start_soon(_show, make, bus.subscribe(Ring(4096)), shown, done)
             try:
                 report = await orchestrator.run()
             except Exception as exc:  # re-raised outside the nursery (a VfmigError)
                 failure = exc
             bus.close()
-            await shown.wait()
+            await done.wait()
             nursery.cancel_scope.cancel()
-    if display is not None:
+    for display in shown:
         display.close(summarize(report.tally) if report is not None else None)
     if failure is not None:
         raise failure
@@ -272,15 +273,22 @@ async def _on_signals(signals: Any, orchestrator: Orchestrator) -> None:
         await orchestrator.abort("interrupted by the user", name)
 
 
-async def _show(display: ProgressDisplay, subscription: Subscription, shown: Any) -> None:
+async def _show(
+    make: Callable[[], ProgressDisplay],
+    subscription: Subscription,
+    shown: list[ProgressDisplay],
+    done: trio.Event,
+) -> None:
     """Feed the display until the bus closes (lagging, it skips records: the summary at the
     end comes from the orchestrator's complete tally)."""
     from vfmig.engine.bus import Record
 
     async for item in subscription:
         if isinstance(item, Record):
-            display.handle(item.event, at_ns=item.at_ns)
-    shown.set()
+            if not shown:
+                shown.append(make())
+            shown[0].handle(item.event, at_ns=item.at_ns)
+    done.set()
 
 
 def _print_errors(env: Environment, report: RunReport) -> None:

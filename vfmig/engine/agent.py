@@ -258,6 +258,7 @@ class Agent:
         #: Opens a TCP data listener on a host on demand (local mode, remote sources).
         self._bind: Callable[[str], Awaitable[tuple[str, int]]] | None = None
         self._fallbacks: set[str] = set()
+        self._released = trio.Event()
         self.stopping = False
 
     def log(self, line: str) -> None:
@@ -296,6 +297,7 @@ class Agent:
 
         try:
             await with_link(link, handle, body)
+            self.log(f"orchestrator {peer} left")
         except PeerError as exc:
             self.log(f"orchestrator {peer}: {exc.reason}")
         finally:
@@ -491,9 +493,16 @@ class Agent:
             self.log(f"run {run.id} ended ({run.answer().value})")
         return None
 
+    async def wait_idle(self) -> None:
+        """Wait until this agent holds no device (every run closed or fallen back)."""
+        while self.slots:
+            await self._released.wait()
+
     async def _release(self, slot: Slot) -> None:
         await self._stop_streams(slot)
         self.slots.pop(slot.handle, None)
+        self._released.set()
+        self._released = trio.Event()
         try:
             await slot.worker.close()
         except VfmigError as exc:

@@ -174,6 +174,7 @@ class Orchestrator:
         self._states: dict[DeviceId, DeviceState] = {}
         self._streams: dict[int, _PairStream] = {}
         self._queues: dict[object, trio.MemorySendChannel[Action]] = {}
+        self._drained: list[trio.Event] = []
         self._inputs: trio.MemorySendChannel[Input] | None = None
         self._nursery: trio.Nursery | None = None
         self._started = False
@@ -316,18 +317,25 @@ class Orchestrator:
             assert self._nursery is not None
             queue, receive = trio.open_memory_channel[Action](QUEUE_CAPACITY)
             self._queues[key] = queue
-            self._nursery.start_soon(self._serve_queue, receive)
+            done = trio.Event()
+            self._drained.append(done)
+            self._nursery.start_soon(self._serve_queue, receive, done)
         return queue
 
-    async def _serve_queue(self, receive: trio.MemoryReceiveChannel[Action]) -> None:
-        async with receive:
-            async for action in receive:
-                try:
-                    inp = await self._perform(action)
-                except PeerError:
-                    continue  # the link task feeds AgentLost
-                if inp is not None:
-                    await self._feed(inp)
+    async def _serve_queue(
+        self, receive: trio.MemoryReceiveChannel[Action], done: trio.Event
+    ) -> None:
+        try:
+            async with receive:
+                async for action in receive:
+                    try:
+                        inp = await self._perform(action)
+                    except PeerError:
+                        continue  # the link task feeds AgentLost
+                    if inp is not None:
+                        await self._feed(inp)
+        finally:
+            done.set()
 
     async def _publish(self, event: events.Event, origin: str = "orchestrator") -> None:
         record = await self._bus.publish(event, origin=origin)
@@ -610,8 +618,13 @@ class Orchestrator:
     # --- the end -------------------------------------------------------------------------
 
     async def _close(self) -> None:
-        """Close every opened device, then say Goodbye on every link."""
+        """Let the requests in flight end, close every opened device, say Goodbye."""
         self._finished = True
+        for queue in self._queues.values():
+            queue.close()
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            for done in self._drained:
+                await done.wait()
         for host, handle in self._opened:
             link = self._links.get(host)
             if link is None or link.failure is not None:
