@@ -300,10 +300,10 @@ def _print_errors(env: Environment, report: RunReport) -> None:
     for error in report.errors:
         who = f"{error.device} ({report.names[error.device]}): " if error.device else ""
         code = f" ({errno_name(error.errno)})" if error.errno is not None else ""
-        print(
-            f"vfmig: error: {who}{error.phase.value}: {error.step}: {error.message}{code}",
-            file=env.stderr,
-        )
+        where = error.phase.value
+        if error.step != where:
+            where += f": {error.step}"
+        print(f"vfmig: error: {who}{where}: {error.message}{code}", file=env.stderr)
         if error.hint:
             print(f"hint: {error.hint}", file=env.stderr)
     print(f"vfmig: {report.summary}", file=env.stderr)
