@@ -137,6 +137,9 @@ class AgentConfig:
     step_timeout: float = 30.0
     #: How long to wait after losing the orchestrator before falling back alone.
     grace: float = 2.0
+    #: How long a source's agent keeps asking the destination's agent about the commit
+    #: point (while it is undecided or unreachable) before keeping its source stopped.
+    ask_peer_for: float = ASK_PEER_FOR
     chunk_size: int = CHUNK_SIZE
     window_chunks: int = WINDOW_CHUNKS
     #: TLS for TCP links this agent accepts (server) and makes (client); None: plain TCP.
@@ -297,10 +300,13 @@ class Agent:
 
         try:
             await with_link(link, handle, body)
-            self.log(f"orchestrator {peer} left")
-        except PeerError as exc:
-            self.log(f"orchestrator {peer}: {exc.reason}")
+        except PeerError:
+            pass
         finally:
+            failure = link.failure
+            self.log(
+                f"orchestrator {peer}: {failure.reason}" if failure else f"orchestrator {peer} left"
+            )
             self._links.discard(link)
             self._sessions.discard(session)
             session.end()
@@ -728,7 +734,7 @@ class Agent:
         """Whether the run committed, from the destination's agent (retrying while undecided)."""
         if peer is None:
             return PeerAnswer.UNREACHABLE
-        with trio.move_on_after(ASK_PEER_FOR):
+        with trio.move_on_after(self.config.ask_peer_for):
             while True:
                 local = self.runs.get(run.id) if peer == INPROC else None
                 verdict = local.answer() if local is not None else await self._query(peer, run.id)
