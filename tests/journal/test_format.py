@@ -53,6 +53,8 @@ def test_round_trip(
     path = write_journal(tmp_path / "run.vfj", default_run, frame_bytes=2048)
     entries, reader = read_all(path)
     assert events_of(entries) == [(o.at_ns, o.host, o.event) for o in default_run]
+    times = [o.at_ns for o in default_run]
+    assert times == sorted(times)  # as a live writer's clock gives them
     assert reader.status.intact
     assert reader.status.frames > 3  # the small frame cap split it
     assert isinstance(entries[-1], ClosedRecord)

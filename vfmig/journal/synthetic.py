@@ -308,7 +308,7 @@ class _Driver:
         if lie is not None and lie[0] == dev:
             state = lie[1]
         sample = ev.DebugfsSampled(device=dev, state=state, text=state.name, duration_ns=30_000)
-        return (self.observe(at + 40_000, dev, sample),)
+        return (self.observe(at, dev, sample),)
 
     def open(self, dev: DeviceId) -> None:
         at = self.now + 5_000_000

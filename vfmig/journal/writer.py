@@ -173,7 +173,13 @@ class JournalWriter:
             return seq
 
     def append_data(
-        self, device: DeviceId, offset: int, data: bytes | memoryview, *, at_ns: int | None = None
+        self,
+        device: DeviceId,
+        offset: int,
+        data: bytes | bytearray | memoryview,
+        *,
+        at_ns: int | None = None,
+        origin: str | None = None,
     ) -> None:
         """Write raw device stream bytes at stream ``offset``, in records of at most 1 MiB."""
         view = memoryview(data)
@@ -183,7 +189,7 @@ class JournalWriter:
             for start in range(0, len(view), MAX_DATA_RECORD):
                 piece = bytes(view[start : start + MAX_DATA_RECORD])
                 self._open_frame(at, wall)
-                self._origin_is(self.header.host, at, wall)
+                self._origin_is(origin or self.header.host, at, wall)
                 self._put(at, wall, [int(Kind.DATA), str(device), offset + start, piece])
                 self._flush_if_due()
 

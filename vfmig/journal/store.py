@@ -1,0 +1,115 @@
+"""The flight recorder's default directory: every run journaled, the last N kept.
+
+Theory of operation
+-------------------
+A run given no ``--journal PATH`` is journaled into the store all the same, as an
+aircraft's recorder runs on every flight: ``$XDG_STATE_HOME/vfmig`` (default
+``~/.local/state/vfmig``) for a user, ``/var/lib/vfmig`` for root -- root ignores
+``XDG_STATE_HOME``, which ``sudo`` may carry over from the user who called it. The
+directory is created with mode 0700; journals inside have mode 0600.
+
+Names sort by time: ``<UTC yyyymmddThhmmss.ffffff>Z-<role>-<run id>.vfj``. After each new
+journal, :meth:`JournalStore.rotate` deletes the oldest ones beyond ``keep`` (default
+20); it only ever deletes files of that pattern, so anything else in the directory is
+left alone. A journal being written by another process may be deleted by rotation only if
+20 newer ones were created meanwhile; its writer keeps writing to the unlinked file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from vfmig.journal.codec import JournalError
+from vfmig.journal.writer import JournalWriter
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from vfmig.journal.codec import JournalHeader
+
+DEFAULT_KEEP: Final = 20
+SUFFIX: Final = ".vfj"
+ROOT_DIR: Final = Path("/var/lib/vfmig")
+_NAME = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[a-z0-9-]+-[A-Za-z0-9_.-]+\.vfj$")
+
+
+def default_dir(environ: Mapping[str, str] | None = None, uid: int | None = None) -> Path:
+    """Where journals go without ``--journal`` (see the module docstring)."""
+    environ = os.environ if environ is None else environ
+    uid = os.geteuid() if uid is None else uid
+    if uid == 0:
+        return ROOT_DIR
+    state = environ.get("XDG_STATE_HOME", "")
+    if state and Path(state).is_absolute():  # the XDG spec: ignore a relative path
+        return Path(state) / "vfmig"
+    home = environ.get("HOME") or str(Path.home())
+    return Path(home) / ".local" / "state" / "vfmig"
+
+
+def journal_name(header: JournalHeader) -> str:
+    when = _dt.datetime.fromtimestamp(header.start_wall_ns / 1e9, tz=_dt.UTC)
+    role = re.sub(r"[^a-z0-9-]", "-", header.role.lower()) or "run"
+    run_id = re.sub(r"[^A-Za-z0-9_.-]", "_", header.run_id) or "run"
+    return f"{when:%Y%m%dT%H%M%S.%f}Z-{role}-{run_id}{SUFFIX}"
+
+
+class JournalStore:
+    """A directory of journals, newest last, at most ``keep`` of them after each run."""
+
+    def __init__(self, directory: Path | None = None, *, keep: int = DEFAULT_KEEP) -> None:
+        if keep < 1:
+            raise JournalError("the journal store must keep at least one journal")
+        self.directory = default_dir() if directory is None else directory
+        self.keep = keep
+
+    def _ensure(self) -> None:
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot create the journal directory {self.directory}: {exc.strerror}",
+                hint="give --journal PATH, or set XDG_STATE_HOME to a writable directory",
+            ) from None
+
+    def journals(self) -> list[Path]:
+        """The store's journals, oldest first."""
+        try:
+            names = sorted(p.name for p in self.directory.iterdir() if _NAME.match(p.name))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise JournalError(f"cannot list {self.directory}: {exc.strerror}") from None
+        return [self.directory / n for n in names]
+
+    def latest(self) -> Path:
+        journals = self.journals()
+        if not journals:
+            raise JournalError(
+                f"no journal in {self.directory}",
+                hint="a run journals there when it is given no --journal PATH",
+            )
+        return journals[-1]
+
+    def create(self, header: JournalHeader, **options: Any) -> JournalWriter:
+        """A writer of a new journal in the store (mode 0600); older ones beyond keep go."""
+        self._ensure()
+        writer = JournalWriter.create(self.directory / journal_name(header), header, **options)
+        self.rotate()
+        return writer
+
+    def rotate(self) -> list[Path]:
+        """Delete the oldest journals beyond ``keep``; returns what was deleted."""
+        journals = self.journals()
+        doomed = journals[: max(len(journals) - self.keep, 0)]
+        for path in doomed:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass  # another process rotated it first
+            except OSError as exc:
+                raise JournalError(f"cannot delete old journal {path}: {exc.strerror}") from None
+        return doomed
