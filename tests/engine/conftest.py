@@ -15,6 +15,8 @@ import inspect
 import io
 import os
 import re
+import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -289,6 +291,8 @@ class Cluster:
     agents: list[RunningAgent] = field(default_factory=list)
     links: list[Cuttable] = field(default_factory=list)
     bus: EventBus | None = None
+    #: TLS for the orchestrators' control links (None: plain TCP).
+    client_ssl: ssl.SSLContext | None = None
 
     async def agent(self, sims: Sims, **config: object) -> RunningAgent:
         log: list[str] = []
@@ -306,7 +310,7 @@ class Cluster:
     async def _connect(
         self, address: str, key: bytes | None
     ) -> tuple[trio.abc.Stream, bytes | None]:
-        stream = Cuttable(await connect(address))
+        stream = Cuttable(await connect(address, ssl_context=self.client_ssl))
         self.links.append(stream)
         return stream, key
 
@@ -353,3 +357,46 @@ class Cluster:
 @pytest.fixture
 async def cluster(nursery: trio.Nursery, key_file: Path, tmp_path: Path) -> Cluster:
     return Cluster(nursery, load_key(key_file), tmp_path)
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """A test CA and one certificate for 127.0.0.1 (server and client use)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def server(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(self.ca))
+        context.load_cert_chain(str(self.cert), str(self.key))
+        context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def client(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(str(self.cert), str(self.key))
+        return context
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory: pytest.TempPathFactory, prerequisite: object) -> Certificates:
+    """Made with the openssl command (skipped without it, outside CI)."""
+    if shutil.which("openssl") is None:
+        assert callable(prerequisite)
+        prerequisite("the openssl command is needed to make test certificates")
+    d = tmp_path_factory.mktemp("tls")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=vfmig test CA")  # fmt: skip
+    openssl("req", *ec, "-keyout", "agent.key", "-out", "agent.csr", "-subj", "/CN=127.0.0.1")
+    (d / "ext.cnf").write_text(
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"
+    )
+    sign = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "ext.cnf"]
+    openssl("x509", "-req", "-in", "agent.csr", *sign, "-out", "agent.pem", "-days", "2")
+    return Certificates(d / "ca.pem", d / "agent.pem", d / "agent.key")

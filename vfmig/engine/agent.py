@@ -339,7 +339,9 @@ class Agent:
 
         self._links.add(link)
         try:
-            await with_link(link, handle, body, peek=peek)
+            await with_link(
+                link, handle, body, peek=peek, outlive=lambda: bool(receiver) and receiver[0].ended
+            )
         except PeerError as exc:
             if receiver:
                 await receiver[0].link_failed(exc)
@@ -525,10 +527,13 @@ class Agent:
         except ValueError:
             raise _AgentError(Code.BAD_PARAMS, f"{target} is not a device state") from None
         hang_after = _timeout(params, slot.worker.step_timeout)
+        step = params.get("step")
         slot.touched = True
-        before = await slot.worker.get_state()
-        step = f"{before.name}>{state.name}"
-        result = await slot.worker.set_state(state, step=step, hang_after=hang_after)
+        result = await slot.worker.set_state(
+            state,
+            step=step if isinstance(step, str) else f"SET {state.name}",
+            hang_after=hang_after,
+        )
         answer = wire.SetAnswer(
             ok=result.ok, state=result.state, errno=result.errno, message=result.message
         )

@@ -29,6 +29,7 @@ transport; a peer's Goodbye is answered and the loop ends at the transport's end
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import ssl
 from dataclasses import dataclass, field
@@ -181,6 +182,7 @@ class Link:
         self._ids = itertools.count(1)
         self._failure: PeerError | None = None
         self._closing = False
+        self._goodbye_received = False
         self.session: HandshakeCompleted | None = None
         self.finished = trio.Event()
         self._ready = trio.Event()  # set at HandshakeCompleted, or when the link ends
@@ -243,8 +245,8 @@ class Link:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 if self._failure is not None:
                     raise self._failure from None
-                if self._closing:
-                    return
+                if self._closing or self._goodbye_received:
+                    return  # the protocol closed already (TLS may end raggedly after it)
                 data = None
                 lost = str(exc.__cause__ or exc) or type(exc).__name__
             try:
@@ -273,6 +275,13 @@ class Link:
                         raise self._failure
                     if event.clean or self._closing:
                         return
+                    if self.session is None:
+                        raise PeerError(
+                            self.peer,
+                            "the connection closed during the handshake",
+                            hint="check that the address is a vfmig agent's, and that both "
+                            "sides use TLS (--tls-*) or neither",
+                        )
                     if data is None:
                         raise PeerError(self.peer, f"the connection was lost ({lost})")
                     raise PeerError(self.peer, "the peer closed the connection without a Goodbye")
@@ -280,6 +289,7 @@ class Link:
                     await handler(event)
 
     async def _on_goodbye(self, event: Goodbye) -> None:
+        self._goodbye_received = True
         if event.code != "normal":
             message = f"the peer closed the link: {event.code}: {event.reason}"
             self._failure = PeerError(self.peer, message, code=event.code)
@@ -381,6 +391,8 @@ class Link:
                 else:
                     with trio.move_on_after(CLOSE_TIMEOUT):
                         await self.finished.wait()
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await self._stream.aclose()  # TLS: close_notify
             await trio.aclose_forcefully(self._stream)
 
     async def abort(self) -> None:
@@ -469,11 +481,14 @@ async def with_link(
     body: Callable[[], Awaitable[T]],
     *,
     peek: Callable[[list[Event]], None] | None = None,
+    outlive: Callable[[], bool] | None = None,
 ) -> T:
     """Run ``link`` in the background while ``body()`` runs, once the handshake completed.
 
-    Returns the body's result after closing the link with a Goodbye. If the link fails,
-    the body is cancelled and the link's PeerError is raised; an exception of the body
+    Returns the body's result after closing the link with a Goodbye. When the link ends
+    first, the body is cancelled and the link's PeerError raised (LinkClosed after a clean
+    close) -- unless ``outlive()`` says, at that moment, that the body has all it needs
+    (a receiver that got the whole stream goes on writing it). An exception of the body
     propagates as is (never inside an exception group), after the link is aborted.
     """
     body_scope = trio.CancelScope()
@@ -481,9 +496,9 @@ async def with_link(
     error: Exception | None = None
 
     async def run_link() -> None:
-        try:
+        with contextlib.suppress(PeerError):
             await link.run(handler, peek=peek)
-        except PeerError:
+        if outlive is None or not outlive():
             body_scope.cancel()
 
     async with trio.open_nursery() as nursery:
@@ -505,4 +520,4 @@ async def with_link(
         raise link.failure
     if error is not None:
         raise error
-    raise LinkClosed(link.peer, "the link closed")
+    raise LinkClosed(link.peer, "the peer closed the link")

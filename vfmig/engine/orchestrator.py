@@ -416,7 +416,11 @@ class Orchestrator:
         )
 
     async def _set(self, a: SetState) -> Input:
-        params: dict[str, Value] = {"device": self._handles[a.dev], "state": int(a.target)}
+        params: dict[str, Value] = {
+            "device": self._handles[a.dev],
+            "state": int(a.target),
+            "step": a.arc,
+        }
         try:
             answer = wire.parse_set(await self._call(a.dev, "set_state", params, a.timeout_ns))
         except trio.TooSlowError:

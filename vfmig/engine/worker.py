@@ -114,6 +114,7 @@ class DeviceWorker:
         self._executor = executor
         self._limiter = trio.CapacityLimiter(1)
         self._debugfs_limiter = trio.CapacityLimiter(1)
+        self._running: str | None = None  #: the step in the device's thread right now
         self.hung: DeviceHung | None = None
 
     # --- the primitive ------------------------------------------------------------------
@@ -128,15 +129,28 @@ class DeviceWorker:
                 f"refused: the device hung earlier ({self.hung.step}) and is abandoned",
             )
         limit = self.step_timeout if hang_after is None else hang_after
+
+        def call() -> T:
+            self._running = step
+            try:
+                return fn()
+            finally:
+                self._running = None
+
         done = False
         result: T | None = None
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + limit
-            result = await self._executor(fn, limiter=self._limiter, abandon=True)
+            result = await self._executor(call, limiter=self._limiter, abandon=True)
             done = True
         if not done:
+            # The step that holds the device is the one to blame, not one queued behind it.
+            culprit = self._running or step
+            behind = f" ({step} waited behind it)" if culprit != step else ""
             self.hung = DeviceHung(
-                self.label, step, f"did not return within {limit:g} s; its thread is abandoned"
+                self.label,
+                culprit,
+                f"did not return within {limit:g} s{behind}; its thread is abandoned",
             )
             raise self.hung
         return result  # type: ignore[return-value]  # T may itself include None
