@@ -15,14 +15,25 @@ import traceback
 from typing import TYPE_CHECKING
 
 from vfmig import __version__
-from vfmig.cli import agent, devices, fsm, inspect, keygen, migrate, recover
+from vfmig.cli import (
+    agent,
+    devices,
+    fsm,
+    inspect,
+    journal,
+    keygen,
+    migrate,
+    recover,
+    replay,
+    save_load,
+)
 from vfmig.cli.context import Environment
 from vfmig.core.errors import ExitStatus, VfmigError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-SUBCOMMANDS = (fsm, devices, inspect, migrate, agent, keygen, recover)
+SUBCOMMANDS = (fsm, devices, inspect, migrate, agent, keygen, recover, replay, journal, save_load)
 
 
 def build_parser() -> argparse.ArgumentParser:

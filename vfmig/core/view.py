@@ -337,9 +337,20 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def format_ns(ns: float) -> str:
+    """``850 us``, ``42.0 ms``, ``3.21 s``."""
+    if ns < 1_000_000:
+        return f"{ns / 1000:.0f} us"
+    if ns < 1_000_000_000:
+        return f"{ns / 1_000_000:.1f} ms"
+    return f"{ns / 1_000_000_000:.2f} s"
+
+
 def transfer_text(t: Transfer) -> str:
-    """``1.0 GiB in 2.10 s, 487.6 MiB/s, ratio 3.40x`` (parts without data left out)."""
-    parts = [f"{format_bytes(t.raw_bytes)} in {t.time_ns / 1e9:.2f} s"]
+    """``1.0 GiB in 2.10 s, 487.6 MiB/s, ratio 3.40x``, or just the time without data."""
+    if not t.raw_bytes:
+        return format_ns(t.time_ns)
+    parts = [f"{format_bytes(t.raw_bytes)} in {format_ns(t.time_ns)}"]
     if t.throughput is not None and t.raw_bytes:
         parts.append(f"{format_bytes(t.throughput)}/s")
     if t.ratio is not None:
