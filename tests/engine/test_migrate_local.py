@@ -114,3 +114,35 @@ def test_a_leftover_source_is_refused(sims, cli, leftover) -> None:
     assert result.status == 3
     assert "left over from an earlier run" in result.stderr
     assert (sims.state("a"), sims.state("b")) == (S[leftover], S.RUNNING)
+
+
+def test_memory_does_not_grow_with_the_state_size(sims, tmp_path) -> None:
+    """A 384 MiB state moves through a process that never holds more than a few windows."""
+    import os
+    import subprocess
+    import sys
+
+    size = 384 << 20
+    src = sims.spec("a", size=size, image=False, content="random")
+    dst = sims.spec("b", size=size, image=False)
+    code = (
+        "import resource, sys\n"
+        "from vfmig.cli.main import main\n"
+        "status = main(['migrate', '--json', sys.argv[1], sys.argv[2]])\n"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print('PEAK', peak, file=sys.stderr)\n"
+        "sys.exit(status)\n"
+    )
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", code, src, dst],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    peak_kib = int(result.stderr.split("PEAK")[-1])
+    assert peak_kib < 160 << 10, f"peak RSS {peak_kib >> 10} MiB for a {size >> 20} MiB state"
+    assert (sims.state("a"), sims.state("b")) == (S.STOP, S.RUNNING)

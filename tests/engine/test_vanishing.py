@@ -178,3 +178,19 @@ async def test_an_abort_after_the_commit_point_completes(cluster, sims) -> None:
     await cluster.settle()
     assert (a.sims.state("a"), b.sims.state("b")) == (ST, RU)
     assert b.sims.dump("b") == a.sims.image("a")
+
+
+async def test_an_agent_shutting_down_brings_its_devices_back_first(cluster, sims) -> None:
+    """SIGTERM on the source's agent mid-precopy: it says Goodbye to the orchestrator and
+    brings its source back to RUNNING; the orchestrator rolls the destination back."""
+    a, b, pair = await two_agents(cluster, sims)
+
+    async def shut_down() -> None:
+        cluster.nursery.start_soon(a.agent.shutdown)
+
+    report = await cluster.migrate([pair], trace=once(at_phase(Phase.PRECOPY), shut_down))
+    await cluster.settle()
+    assert report.outcome is Outcome.PEER_LOST
+    assert (a.sims.state("a"), b.sims.state("b")) == (RU, RU)
+    assert b.sims.dump("b") is None
+    assert any("peer-lost" in line for line in a.log)

@@ -260,7 +260,8 @@ class Agent:
         self.data_port: int | None = None
         #: Opens a TCP data listener on a host on demand (local mode, remote sources).
         self._bind: Callable[[str], Awaitable[tuple[str, int]]] | None = None
-        self._fallbacks: set[str] = set()
+        self._fallbacks: dict[str, trio.Event] = {}  #: run id -> set when its fallback ended
+        self._graces: dict[str, trio.CancelScope] = {}
         self._released = trio.Event()
         self.stopping = False
 
@@ -646,11 +647,28 @@ class Agent:
                 self.nursery.start_soon(self.fall_back, run, self.config.grace)
 
     async def fall_back(self, run: Run, grace: float) -> None:
-        """Bring ``run``'s devices to rest by the failure policy, without an orchestrator."""
-        if run.id in self._fallbacks:
+        """Bring ``run``'s devices to rest by the failure policy, without an orchestrator.
+
+        Waits ``grace`` seconds first; a second call (a shutdown) with no grace cuts a
+        waiting one short, and returns when the fallback has ended.
+        """
+        done = self._fallbacks.get(run.id)
+        if done is not None:
+            if grace <= 0 and run.id in self._graces:
+                self._graces[run.id].cancel()
+            await done.wait()
             return
-        self._fallbacks.add(run.id)
-        await trio.sleep(grace)
+        done = self._fallbacks[run.id] = trio.Event()
+        try:
+            with trio.CancelScope() as waiting:
+                self._graces[run.id] = waiting
+                await trio.sleep(grace)
+            del self._graces[run.id]
+            await self._fall_back(run)
+        finally:
+            done.set()
+
+    async def _fall_back(self, run: Run) -> None:
         slots = [s for s in run.slots if self.slots.get(s.handle) is s]
         for slot in slots:
             await self._stop_streams(slot)
@@ -666,8 +684,7 @@ class Agent:
         for slot in slots:
             slot.owner = None
             await self._release(slot)
-        if run.owner is not None:
-            run.owner = None
+        run.owner = None
 
     async def _fallback_group(
         self, run: Run, role: Role, slots: list[Slot], peer: str | None
