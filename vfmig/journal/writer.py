@@ -203,14 +203,16 @@ class JournalWriter:
         with self._lock:
             self._flush(sync=sync)
 
-    def close(self) -> None:
-        """Write the closing record, flush, fsync and close (idempotent)."""
+    def close(self, *, at_ns: int | None = None) -> None:
+        """Write the closing record (at ``at_ns``, default now), flush, fsync and close
+        (idempotent)."""
         with self._lock:
             if self._closed:
                 return
             try:
                 if self._failed is None:
-                    at, wall = self._mono(), self._wall()
+                    at = self._mono() if at_ns is None else at_ns
+                    wall = self._wall()
                     self._open_frame(at, wall)
                     self._origin_is(self.header.host, at, wall)
                     self._put(at, wall, [int(Kind.CLOSED), self._seq])

@@ -1,0 +1,108 @@
+"""The recorder task: the engine bus's lossless subscriber that writes the run's journal.
+
+Theory of operation
+-------------------
+:func:`record` reads a :class:`~vfmig.engine.bus.Lossless` subscription and appends every
+record to a :class:`~vfmig.journal.writer.JournalWriter` with the record's own time
+(``at_ns``, the bus clock) and origin (the host that observed it). The writer compresses
+and writes whole frames, which may take milliseconds, so it never runs on the event loop:
+records are gathered into a batch and each batch is handed to a worker thread. A batch is
+written when it is :data:`BATCH_INTERVAL` old, holds :data:`BATCH_RECORDS` records, or
+holds a phase change, the commit point, an error or the run's end (which the writer also
+syncs to disk). While a batch is being written nothing is received: the subscription's
+bounded queue fills and the bus's ``publish`` waits -- backpressure, never a lost record.
+When the bus is quiet the task still wakes up every :data:`FLUSH_INTERVAL` to let the
+writer close a frame that has become a second old, so a crash or ``kill -9`` loses at most
+about a second of records.
+
+When the bus closes, the last batch is written and the journal closed (its closing record
+stamped with the last record's time), also when the task is cancelled (shielded, bounded).
+
+The header's ``start_mono_ns`` must be read from the bus's clock (``trio.current_time()``
+for the default bus), so that record times and the start share one clock. This is the only
+module of :mod:`vfmig.journal` that imports trio.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from vfmig.engine.bus import Record
+from vfmig.journal.codec import JournalError
+from vfmig.journal.writer import DURABLE
+
+if TYPE_CHECKING:
+    from vfmig.engine.bus import Subscription
+    from vfmig.journal.writer import JournalWriter
+
+#: A batch is written once its first record is this old (seconds).
+BATCH_INTERVAL: Final = 0.05
+#: ... or once it holds this many records.
+BATCH_RECORDS: Final = 256
+#: A quiet bus still wakes the task this often, so the writer can close an aging frame.
+FLUSH_INTERVAL: Final = 0.25
+#: How long the final write and close may take once the task is cancelled.
+CLOSE_TIMEOUT: Final = 10.0
+
+
+def _write(writer: JournalWriter, batch: list[Record]) -> None:
+    for r in batch:
+        writer.append(r.event, at_ns=r.at_ns, origin=r.origin)
+    writer.maybe_flush()
+
+
+async def record(
+    subscription: Subscription,
+    writer: JournalWriter,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Journal every record of ``subscription`` (lossless) until the bus closes; then close
+    ``writer``. Raises :class:`~vfmig.journal.codec.JournalError` if the journal cannot be
+    written (the run should stop: it cannot be recorded)."""
+    batch: list[Record] = []
+    first_at: float | None = None
+    last_at_ns: int | None = None
+    task_status.started()
+    try:
+        while True:
+            now = trio.current_time()
+            wait = FLUSH_INTERVAL if first_at is None else max(first_at + BATCH_INTERVAL - now, 0)
+            item = None
+            with trio.move_on_after(wait):
+                try:
+                    item = await subscription.receive()
+                except trio.EndOfChannel:
+                    break
+            if item is not None:
+                if not isinstance(item, Record):
+                    raise JournalError(
+                        "the journal's bus subscription dropped records",
+                        hint="the recorder needs a Lossless subscription",
+                    )
+                batch.append(item)
+                last_at_ns = item.at_ns
+                if first_at is None:
+                    first_at = trio.current_time()
+            due = first_at is not None and trio.current_time() - first_at >= BATCH_INTERVAL
+            if (
+                item is None
+                or due
+                or len(batch) >= BATCH_RECORDS
+                or isinstance(batch[-1].event, DURABLE)
+            ):
+                await trio.to_thread.run_sync(_write, writer, batch)
+                batch, first_at = [], None
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            pending, batch = batch, []
+            await trio.to_thread.run_sync(_finish, writer, pending, last_at_ns)
+
+
+def _finish(writer: JournalWriter, batch: list[Record], last_at_ns: int | None) -> None:
+    try:
+        _write(writer, batch)
+    finally:
+        writer.close(at_ns=last_at_ns)
