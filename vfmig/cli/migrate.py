@@ -18,7 +18,7 @@ from __future__ import annotations
 import ssl
 from typing import TYPE_CHECKING, Any
 
-from vfmig.core.errors import UsageError, errno_name
+from vfmig.core.errors import UsageError, VfmigError, errno_name
 from vfmig.core.spec import parse_spec
 
 if TYPE_CHECKING:
@@ -172,7 +172,14 @@ def run(args: argparse.Namespace, env: Environment) -> int:
 
     import trio
 
-    report = trio.run(_migrate, args, env, pairs, key, tls)
+    try:
+        report = trio.run(_migrate, args, env, pairs, key, tls)
+    except VfmigError as exc:
+        if not args.json:
+            raise
+        error = {"outcome": None, "message": exc.message, "hint": exc.hint}
+        env.emit_json("migrate", None, error=error)
+        return int(exc.exit_status)
     if args.json:
         env.emit_json("migrate", _json_result(report), error=_json_error(report))
     else:

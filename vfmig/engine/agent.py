@@ -296,7 +296,8 @@ class Agent:
                 self.nursery.start_soon(self._serve_request, session, event)
 
         async def body() -> None:
-            self.log(f"orchestrator {peer} connected ({link.session and link.session.peer_name})")
+            assert link.session is not None
+            self.log(f"orchestrator {peer} connected ({link.session.peer_name})")
             await link.finished.wait()
 
         try:
@@ -348,7 +349,7 @@ class Agent:
                 await receiver[0].link_failed(exc)
             else:
                 self.log(f"data sender {peer}: {exc.reason}")
-        except (DataError, DeviceHung, DeviceError, ProtocolError) as exc:
+        except (DeviceError, ProtocolError) as exc:
             if receiver:
                 await receiver[0].device_failed(exc)
             else:
@@ -395,6 +396,10 @@ class Agent:
             response = _error_response(request.id, exc)
         except wire.WireError as exc:
             response = ErrorResponse(id=request.id, code=Code.BAD_PARAMS, message=str(exc))
+        except Exception as exc:  # a bug must fail this request, not the whole agent
+            self.log(f"internal error serving {request.method}: {type(exc).__name__}: {exc}")
+            message = f"internal error: {type(exc).__name__}: {exc}"
+            response = ErrorResponse(id=request.id, code=Code.FAILED, message=message)
         with contextlib.suppress(PeerError):
             await session.link.send(response)
 
@@ -571,7 +576,10 @@ class Agent:
 
     async def _start_send(self, slot: Slot, params: dict[str, Value]) -> Value:
         stream = _param(params, "stream", int)
-        phase = StreamPhase(_param(params, "phase", str))
+        try:
+            phase = StreamPhase(_param(params, "phase", str))
+        except ValueError:
+            raise _AgentError(Code.BAD_PARAMS, "phase must be precopy or stopcopy") from None
         sender = slot.sender
         if sender is not None and sender.stream == stream:
             sender.switch(phase)
@@ -944,7 +952,8 @@ class Sender:
         return offset
 
     async def stop(self) -> None:
-        """Stop sending at once (AbortStream if the link still works) and wait for the end."""
+        """Stop sending at once and wait for the end: the data link is dropped, and the
+        destination, stopped too, never accepts what it got."""
         self.stopped = True
         self._scope.cancel()
         await self._done.wait()
