@@ -222,3 +222,15 @@ def test_remote_devices_need_a_key_file(cli) -> None:
     result = cli("migrate", "sim:a@127.0.0.1:7300", "sim:b@127.0.0.1:7301")
     assert result.status == 2
     assert "--key-file" in result.stderr
+
+
+def test_an_unreachable_agent_is_reported_in_the_json_envelope(cli, key_file) -> None:
+    result = cli(
+        "migrate", "--json", "--key-file", str(key_file), "sim:a@127.0.0.1:1", "sim:b@127.0.0.1:1"
+    )
+    assert result.status == 4
+    envelope = json.loads(result.stdout)
+    assert envelope["ok"] is False
+    assert envelope["result"] is None
+    assert "cannot connect to the agent" in envelope["error"]["message"]
+    assert "vfmig agent --listen 127.0.0.1:1" in envelope["error"]["hint"]
