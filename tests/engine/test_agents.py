@@ -186,6 +186,19 @@ def test_agent_processes_migrate_and_stop_gracefully(
     assert envelope["result"]["downtime_ms"] is not None
     assert (a_sims.state("a"), b_sims.state("b")) == (S.STOP, S.RUNNING)
     assert b_sims.dump("b") == a_sims.image("a")
+    pairs = [
+        a_sims.spec("s0", at=a.address),
+        b_sims.spec("d0", image=False, dump=True, at=b.address),
+        b_sims.spec("s1", at=b.address),
+        a_sims.spec("d1", image=False, dump=True, at=a.address),
+    ]
+    result = cli("migrate", "--no-precopy", "--key-file", str(key_file), *pairs)
+    assert result.status == 0, result.stdout + result.stderr
+    assert "phase precopy" not in result.stdout
+    assert (a_sims.state("s0"), b_sims.state("d0")) == (S.STOP, S.RUNNING)
+    assert (b_sims.state("s1"), a_sims.state("d1")) == (S.STOP, S.RUNNING)
+    assert b_sims.dump("d0") == a_sims.image("s0")
+    assert a_sims.dump("d1") == b_sims.image("s1")
     a.process.send_signal(signal.SIGTERM)
     assert a.process.wait(timeout=30) == 0
     a.stop()
