@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from vfmig.core.events import DataSizeSampled, PhaseChanged
@@ -94,3 +95,30 @@ def test_capacities_must_be_positive() -> None:
         bus.subscribe(Lossless(capacity=0))
     with pytest.raises(ValueError, match="capacity"):
         bus.subscribe(Ring(capacity=0))
+
+
+async def test_concurrent_publishers_are_seen_in_seq_order() -> None:
+    bus = EventBus()
+    slow = bus.subscribe(Lossless(capacity=1))
+    ring = bus.subscribe(Ring(capacity=100))
+
+    async def publish(base: int) -> None:
+        for n in range(base, base + 5):
+            await bus.publish(size(n))
+
+    async def read(into: list[int]) -> None:
+        async for item in slow:
+            assert isinstance(item, Record)
+            into.append(item.seq)
+            await trio.lowlevel.checkpoint()
+
+    seen: list[int] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, seen)
+            async with trio.open_nursery() as publishers:
+                publishers.start_soon(publish, 0)
+                publishers.start_soon(publish, 100)
+            bus.close()
+    assert seen == list(range(10))
+    assert [r.seq for r in await drain(ring)] == list(range(10))

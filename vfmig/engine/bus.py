@@ -156,6 +156,7 @@ class EventBus:
         self._clock = clock
         self._subscriptions: list[Subscription] = []
         self._seq = itertools.count()
+        self._turn = trio.Lock()
         self._closed = False
 
     def subscribe(self, policy: Policy) -> Subscription:
@@ -166,10 +167,15 @@ class EventBus:
         return subscription
 
     async def publish(self, event: Event, *, origin: str = ORCHESTRATOR) -> Record:
-        """Stamp ``event`` and hand it to every subscriber (lossless ones may make this wait)."""
-        record = Record(next(self._seq), int(self._clock() * 1e9), origin, event)
-        for subscription in tuple(self._subscriptions):
-            await subscription._offer(record)
+        """Stamp ``event`` and hand it to every subscriber (lossless ones may make this wait).
+
+        Publishers take turns (a fair lock), so every subscriber sees records in ``seq``
+        order even when several tasks publish at once.
+        """
+        async with self._turn:
+            record = Record(next(self._seq), int(self._clock() * 1e9), origin, event)
+            for subscription in tuple(self._subscriptions):
+                await subscription._offer(record)
         return record
 
     def close(self) -> None:
