@@ -142,13 +142,19 @@ def reduce(model: RunView, record: Observed) -> RunView:
     """Fold one record into the model (pure)."""
     event = record.event
     at = record.at_ns
-    model = replace(
+    changes: dict[str, Any] = _changes(model, event)
+    return replace(
         model,
         records=model.records + 1,
         seq=record.seq,
         at_ns=at if model.at_ns is None else max(model.at_ns, at),
         tally=tally(model.tally, at, event),
+        **changes,
     )
+
+
+def _changes(model: RunView, event: Event) -> dict[str, Any]:
+    """The fields ``event`` changes besides the counters and the tally (one replace)."""
     match event:
         case DeviceOpened():
             devices = _dev(
@@ -159,20 +165,20 @@ def reduce(model: RunView, record: Observed) -> RunView:
                 identity=event.identity,
                 data_size=event.data_size,
             )
-            return replace(model, devices=devices)
+            return {"devices": devices}
         case StateChanged():
             devices = _dev(model, event.device, state=event.after, last_step=event.step, errno=None)
-            return replace(model, devices=devices)
+            return {"devices": devices}
         case IoctlCompleted():
             if event.errno is None:
                 if model.device(event.device).errno is None:
-                    return model
-                return replace(model, devices=_dev(model, event.device, errno=None))
+                    return {}
+                return {"devices": _dev(model, event.device, errno=None)}
             devices = _dev(model, event.device, last_step=event.name, errno=event.errno)
-            return replace(model, devices=devices)
+            return {"devices": devices}
         case DebugfsSampled():
             devices = _dev(model, event.device, debugfs=event.state, debugfs_text=event.text)
-            return replace(model, devices=devices)
+            return {"devices": devices}
         case PrecopySampled():
             old = model.device(event.device)
             devices = _dev(
@@ -182,9 +188,9 @@ def reduce(model: RunView, record: Observed) -> RunView:
                 dirty=event.dirty,
                 reinits=old.reinits + int(event.reinit),
             )
-            return replace(model, devices=devices)
+            return {"devices": devices}
         case DataSizeSampled():
-            return replace(model, devices=_dev(model, event.device, data_size=event.size))
+            return {"devices": _dev(model, event.device, data_size=event.size)}
         case ChunkSent() | ChunkReceived():
             old = model.device(event.device)
             devices = _dev(
@@ -194,24 +200,23 @@ def reduce(model: RunView, record: Observed) -> RunView:
                 offset=max(old.offset, event.offset + event.raw),
                 ended=old.ended or event.final,
             )
-            return replace(model, devices=devices)
+            return {"devices": devices}
         case StreamEnded():
-            devices = _dev(model, event.device, ended=True, digest_ok=event.digest_ok)
-            return replace(model, devices=devices)
+            return {"devices": _dev(model, event.device, ended=True, digest_ok=event.digest_ok)}
         case PhaseChanged():
-            return replace(model, phase=event.phase)
+            return {"phase": event.phase}
         case DecisionMade():
-            return replace(model, decisions=(*model.decisions, event)[-MAX_DECISIONS:])
+            return {"decisions": (*model.decisions, event)[-MAX_DECISIONS:]}
         case ErrorRaised():
             errors = model.errors if len(model.errors) >= MAX_ERRORS else (*model.errors, event)
-            return replace(model, errors=errors, errors_total=model.errors_total + 1)
+            return {"errors": errors, "errors_total": model.errors_total + 1}
         case DeviceHung():
-            return replace(model, devices=_dev(model, event.device, hung=True))
+            return {"devices": _dev(model, event.device, hung=True)}
         case CommitPointPassed():
-            return replace(model, committed=True)
+            return {"committed": True}
         case RunFinished():
-            return replace(model, finished=event)
-    return model
+            return {"finished": event}
+    return {}
 
 
 # --- snapshots -------------------------------------------------------------------------------

@@ -60,6 +60,8 @@ NS_PER_S: Final = 1_000_000_000
 DEFAULT_FRAME_BYTES: Final = 1 << 20
 DEFAULT_FLUSH_INTERVAL_NS: Final = NS_PER_S
 DEFAULT_SNAPSHOT_INTERVAL_NS: Final = 10 * NS_PER_S
+#: zstd level 1: events compress as well as at 3, raw device data 1.45x faster (bench_journal).
+DEFAULT_LEVEL: Final = 1
 
 #: Events after which the frame is closed and the file synced.
 DURABLE: Final = (PhaseChanged, CommitPointPassed, ErrorRaised, RunFinished)
@@ -92,7 +94,7 @@ class JournalWriter:
         frame_bytes: int = DEFAULT_FRAME_BYTES,
         flush_interval_ns: int = DEFAULT_FLUSH_INTERVAL_NS,
         snapshot_interval_ns: int = DEFAULT_SNAPSHOT_INTERVAL_NS,
-        level: int = 3,
+        level: int = DEFAULT_LEVEL,
         mono_clock: Callable[[], int] = time.monotonic_ns,
         wall_clock: Callable[[], int] = time.time_ns,
     ) -> None:
