@@ -231,3 +231,69 @@ def test_save_and_load_memory_stays_bounded(tmp_path: Path) -> None:
     assert saved.stat().st_size > 60 << 20  # incompressible content: the file holds it all
     assert save_peak < 16 << 20
     assert load_peak < 16 << 20
+
+
+def test_load_redrives_a_failed_migrations_recorded_stream(tmp_path: Path) -> None:
+    """A migration journaled with --journal-data holds each source's stream; load picks one."""
+    from vfmig.core.errors import ExitStatus
+    from vfmig.core.model import Cause, Outcome, Phase, destination, source
+    from vfmig.journal.codec import DeviceInfo, JournalHeader
+    from vfmig.journal.writer import JournalWriter
+
+    streams = {}
+    for i in (0, 1):
+        saved = tmp_path / f"s{i}.vfj"
+        spec = f"sim:src{i},size={i + 1}MiB,seed={i},state-dir={tmp_path / f'src{i}'}"
+        assert vfmig("save", spec, str(saved), "--no-precopy")[0] == 0
+        with JournalReader(saved) as reader:
+            streams[i] = [(p.offset, p.data) for p in reader.data(source(0))]
+        streams[i + 10] = reopen(spec)[1]  # the content the stream carries
+    header = JournalHeader(
+        host="orchestrator",
+        role="orchestrator",
+        run_id="failed-run",
+        kernel="6.12",
+        start_wall_ns=0,
+        start_mono_ns=0,
+        data=True,
+        devices=tuple(
+            DeviceInfo(id=d(i), spec=f"sim:{d(i)}") for i in (0, 1) for d in (source, destination)
+        ),
+    )
+    journal = tmp_path / "migration.vfj"
+    with JournalWriter.create(journal, header) as writer:
+        writer.append(ev.PhaseChanged(phase=Phase.STOPCOPY, previous=None))
+        for i in (0, 1):
+            seq = 0
+            for offset, data in streams[i]:
+                writer.append_data(source(i), offset, data, origin="hostA")
+                chunk = ev.ChunkSent(
+                    device=source(i), seq=seq, offset=offset, raw=len(data), wire=1, final=False
+                )
+                writer.append(chunk, origin="hostA")
+                seq += 1
+            end = streams[i][-1][0] + len(streams[i][-1][1])
+            final = ev.ChunkSent(device=source(i), seq=seq, offset=end, raw=0, wire=0, final=True)
+            writer.append(final, origin="hostA")
+        writer.append(
+            ev.ErrorRaised(
+                device=destination(1),
+                phase=Phase.RESUME,
+                step="RESUMING>STOP",
+                errno=22,
+                cause=Cause.STREAM_REJECTED,
+                message="rejected",
+                hint=None,
+            )
+        )
+        writer.append(ev.RunFinished(outcome=Outcome.FAILED, exit_status=1, summary="failed"))
+    spare = f"sim:spare,size=2MiB,dump={tmp_path / 'spare.bin'}"
+    status, _, err = vfmig("load", str(journal), spare, "--journal", str(tmp_path / "l0"))
+    assert status == int(ExitStatus.USAGE)
+    assert "holds 2 source devices" in err
+    status, out, err = vfmig(
+        "load", str(journal), spare, "--device", "src1", "--journal", str(tmp_path / "l1")
+    )
+    assert (status, err) == (0, "")
+    assert "loading src1's stream (2.0 MiB)" in out
+    assert file_digest(tmp_path / "spare.bin") == streams[11]
