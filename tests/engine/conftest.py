@@ -35,7 +35,7 @@ from vfmig.core.spec import parse_spec
 from vfmig.device.open import open_device
 from vfmig.device.sim import release_hangs
 from vfmig.engine.agent import Agent, AgentConfig, serve_tcp
-from vfmig.engine.bus import EventBus
+from vfmig.engine.bus import EventBus, Record, Ring, Subscription
 from vfmig.engine.keys import create_key, load_key
 from vfmig.engine.link import connect
 from vfmig.engine.orchestrator import (
@@ -291,6 +291,7 @@ class Cluster:
     agents: list[RunningAgent] = field(default_factory=list)
     links: list[Cuttable] = field(default_factory=list)
     bus: EventBus | None = None
+    seen: Subscription | None = None
     #: TLS for the orchestrators' control links (None: plain TCP).
     client_ssl: ssl.SSLContext | None = None
 
@@ -342,10 +343,18 @@ class Cluster:
         if local is not None:
             endpoints[LOCAL] = local.endpoint()
         self.bus = EventBus()
+        self.seen = self.bus.subscribe(Ring(1 << 16))
         config = OrchestratorConfig(machine=machine or MachineConfig(step_timeout_ns=10**10))
         orchestrator = Orchestrator(specs, endpoints, self.bus, config, trace=trace)
         with trio.fail_after(60):
-            return await orchestrator.run()
+            report = await orchestrator.run()
+        self.bus.close()
+        return report
+
+    async def events(self) -> list[object]:
+        """The events the last run published, in order."""
+        assert self.seen is not None
+        return [item.event async for item in self.seen if isinstance(item, Record)]
 
     async def settle(self) -> None:
         """Wait until every agent holds no device (runs closed, fallbacks done)."""

@@ -31,6 +31,15 @@ async def test_two_agents_with_precopy(cluster, sims, remote_sims) -> None:
     assert b.sims.dump("b") == a.sims.image("a")
     assert any("stream 1 sent" in line for line in a.log)
     assert any("digest ok" in line for line in b.log)
+    from vfmig.core.events import ChunkReceived, ChunkSent, DebugfsSampled, SwitchoverAcked
+
+    seen = await cluster.events()
+    samples = [e for e in seen if isinstance(e, DebugfsSampled)]
+    assert {(str(e.device), e.state) for e in samples} == {("src0", S.RUNNING), ("dst0", S.RUNNING)}
+    sent = sum(e.raw for e in seen if isinstance(e, ChunkSent))
+    received = sum(e.raw for e in seen if isinstance(e, ChunkReceived))
+    assert sent == received > 3 << 20
+    assert any(isinstance(e, SwitchoverAcked) for e in seen)
 
 
 async def test_several_pairs_across_two_agents_without_precopy(cluster, sims, remote_sims) -> None:

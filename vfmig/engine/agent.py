@@ -481,6 +481,15 @@ class Agent:
             self.log(f"opened {handle} as {dev_id} of run {run_id}")
         worker = slot.worker
         state = await worker.get_state()
+        started = trio.current_time()
+        reading = await worker.read_debugfs_state()
+        debugfs = None
+        if reading is not None:
+            debugfs = wire.DebugfsSample(
+                state=reading.state,
+                text=reading.raw,
+                duration_ns=int((trio.current_time() - started) * 1e9),
+            )
         try:
             size: int | None = await worker.data_size()
         except DeviceError:
@@ -492,6 +501,7 @@ class Agent:
                 flags=worker.device.flags,
                 state=state,
                 data_size=size,
+                debugfs=debugfs,
             )
         )
 

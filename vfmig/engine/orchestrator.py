@@ -407,6 +407,13 @@ class Orchestrator:
                 data_size=opened.data_size,
             )
         )
+        if opened.debugfs is not None:
+            d = opened.debugfs
+            await self._publish(
+                events.DebugfsSampled(
+                    device=a.dev, state=d.state, text=d.text, duration_ns=d.duration_ns
+                )
+            )
         return DeviceOpened(
             dev=a.dev,
             identity=opened.identity,

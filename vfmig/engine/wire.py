@@ -105,6 +105,15 @@ class Opened:
     flags: MigrationFlags
     state: DeviceState
     data_size: int | None
+    #: The debugfs ``state`` file read right after the GET (None: the device has none).
+    debugfs: DebugfsSample | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DebugfsSample:
+    state: DeviceState | None  #: None when the file gave no state (``text`` says why)
+    text: str
+    duration_ns: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -159,22 +168,40 @@ def _state(value: int) -> DeviceState:
 
 
 def opened_result(o: Opened) -> dict[str, Value]:
-    return {
+    result: dict[str, Value] = {
         "handle": o.handle,
         "identity": o.identity,
         "flags": int(o.flags),
         "state": int(o.state),
         "data_size": o.data_size,
     }
+    if o.debugfs is not None:
+        d = o.debugfs
+        result["debugfs"] = {
+            "state": None if d.state is None else int(d.state),
+            "text": d.text,
+            "duration_ns": d.duration_ns,
+        }
+    return result
 
 
 def parse_opened(value: Value) -> Opened:
+    debugfs: DebugfsSample | None = None
+    if isinstance(value, dict) and isinstance(value.get("debugfs"), dict):
+        d = value["debugfs"]
+        state = _opt_int(d, "state")
+        debugfs = DebugfsSample(
+            state=None if state is None else _state(state),
+            text=_get(d, "text", str),
+            duration_ns=_get(d, "duration_ns", int),
+        )
     return Opened(
         handle=_get(value, "handle", str),
         identity=_get(value, "identity", str),
         flags=MigrationFlags(_get(value, "flags", int)),
         state=_state(_get(value, "state", int)),
         data_size=_opt_int(value, "data_size"),
+        debugfs=debugfs,
     )
 
 
