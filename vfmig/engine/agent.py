@@ -636,6 +636,7 @@ class Agent:
         devices: list[Value] = [
             {
                 "handle": slot.handle,
+                "spec": str(slot.spec),
                 "ids": [str(i) for i in slot.ids],
                 "run": slot.run.id if slot.run else None,
                 "streaming": slot.sender is not None or slot.receiver is not None,

@@ -84,7 +84,6 @@ class SetResult:
     state: DeviceState | None  #: the target if ok, else the state read back (None: unreadable)
     errno: int | None = None
     message: str = ""
-    session_opened: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,11 +167,11 @@ class DeviceWorker:
 
         def call() -> SetResult:
             try:
-                session = self.device.set_state(target)
+                self.device.set_state(target)
             except StateChangeError as exc:
                 after = None if exc.state_after is None else DeviceState(exc.state_after)
                 return SetResult(False, after, exc.errno, exc.reason)
-            return SetResult(True, target, session_opened=session is not None)
+            return SetResult(True, target)
 
         return await self.run(call, step=step, hang_after=hang_after)
 
