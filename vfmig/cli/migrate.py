@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 #: Step timeout (seconds) when --timeout is not given.
 DEFAULT_STEP_TIMEOUT = 30.0
+#: How long precopy may go on past --max-precopy while switchover-acks are missing.
+PRECOPY_ACK_GRACE_NS = 60 * 10**9
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -212,14 +214,14 @@ async def _migrate(
 
     step = float(args.timeout)
     max_precopy_ns = int(args.max_precopy * 1e9)
-    defaults = PhaseTimeouts()
     machine = MachineConfig(
         precopy=PrecopyMode.OFF if args.no_precopy else PrecopyMode.AUTO,
         allow_no_p2p=args.allow_no_p2p,
         convergence=ConvergenceConfig(
             downtime_limit_ns=int(args.downtime_limit * 1e6), max_precopy_ns=max_precopy_ns
         ),
-        timeouts=PhaseTimeouts(precopy_ns=max(defaults.precopy_ns, max_precopy_ns + 60 * 10**9)),
+        # Precopy may outlast its cap while acks are still due: by a minute at most.
+        timeouts=PhaseTimeouts(precopy_ns=max_precopy_ns + PRECOPY_ACK_GRACE_NS),
         step_timeout_ns=int(step * 1e9),
     )
     config = OrchestratorConfig(machine=machine, compress_level=args.compress_level)
