@@ -201,3 +201,53 @@ def test_debugfs_disagreeing_with_the_ioctl_state_is_evidence() -> None:
     assert result.after is not None
     assert result.after.debugfs == "ERROR"
     assert any("debugfs reads ERROR but the ioctl state is RESUMING" in x for x in result.evidence)
+
+
+def test_without_ioctl_records_the_states_come_from_state_changes() -> None:
+    """The engine may journal no IoctlCompleted: the diagnosis must not depend on them."""
+    d = Diagnoser()
+    for seq, o in enumerate(run(SCENARIOS["stream-rejected"])):
+        if not isinstance(o.event, ev.IoctlCompleted):
+            d.feed(Rec(seq, o.at_ns, o.event))
+    result = d.result()
+    assert result.cause == "stream-rejected"
+    assert result.before is not None
+    assert result.before.ioctl is DeviceState.RESUMING
+    assert result.after is not None
+    assert result.after.ioctl is DeviceState.RESUMING
+
+
+def test_a_request_that_moved_part_of_the_way() -> None:
+    """RUNNING>STOP_COPY failing at its last arc leaves the device in STOP: before is RUNNING."""
+    dev = source(0)
+    flags = ev.MigrationFlags.STOP_COPY | ev.MigrationFlags.P2P
+    records: list[ev.Event] = [
+        ev.DeviceOpened(
+            device=dev, identity="a", flags=flags, state=DeviceState.RUNNING, data_size=None
+        ),
+        ev.DebugfsSampled(device=dev, state=DeviceState.RUNNING, text="RUNNING\n", duration_ns=1),
+        ev.StateChanged(
+            device=dev, before=DeviceState.RUNNING, after=DeviceState.STOP, step="RUNNING>STOP_COPY"
+        ),
+        ev.DebugfsSampled(device=dev, state=DeviceState.STOP, text="STOP\n", duration_ns=1),
+        ev.ErrorRaised(
+            device=dev,
+            phase=Phase.SWITCHOVER,
+            step="RUNNING>STOP_COPY",
+            errno=errno.EIO,
+            cause=Cause.SET_FAILED,
+            message="the device refused the state change",
+            hint=None,
+        ),
+    ]
+    d = Diagnoser()
+    for seq, event in enumerate(records):
+        d.feed(Rec(seq, seq, event))
+    result = d.result()
+    assert result.cause == "set-failed"
+    assert result.outcome is None  # and unfinished
+    assert result.before is not None
+    assert (result.before.ioctl, result.before.debugfs) == (DeviceState.RUNNING, "RUNNING\n")
+    assert result.after is not None
+    assert (result.after.ioctl, result.after.debugfs) == (DeviceState.STOP, "STOP\n")
+    assert "state before: RUNNING by ioctl, RUNNING by debugfs" in result.lines()

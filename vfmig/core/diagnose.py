@@ -11,7 +11,7 @@ time, in bounded memory, and :meth:`Diagnoser.result` concludes a :class:`Diagno
 * the device's state *before* the failing step -- by ioctl and by debugfs, as they stood
   when the failed request (a SET or a reset) was sent, or when the error was raised for
   any other step (a data write, a hung request) -- and *after* it, including what was read
-  back before the next request;
+  back before the next request, the next state change of another step or the next phase;
 * the *likely cause*, from :data:`KNOWN`: the rules below look at the error's cause and at
   the evidence around it (MIG_DATA_SIZE of both sides of the pair, the errno, missing
   acks, the last precopy sample, a hung step's target, debugfs disagreeing with the ioctl
@@ -39,6 +39,7 @@ from vfmig.core.events import (
     DeviceOpened,
     ErrorRaised,
     IoctlCompleted,
+    PhaseChanged,
     StateChanged,
 )
 from vfmig.core.model import CAUSES, Cause, DeviceId, Outcome, Phase, Role
@@ -241,6 +242,7 @@ class Diagnoser:
     def __init__(self) -> None:
         self.model = RunView()
         self._failed_request: dict[DeviceId, Seen] = {}
+        self._pre_change: dict[DeviceId, tuple[str, Seen]] = {}
         self._opened_size: dict[DeviceId, int | None] = {}
         self._first: ErrorRaised | None = None
         self._first_at: tuple[int, int] | None = None
@@ -265,6 +267,17 @@ class Diagnoser:
                     self._failed_request[event.device] = self._seen(event.device)
             case DeviceOpened():
                 self._opened_size[event.device] = event.data_size
+            case StateChanged():
+                self._pre_change[event.device] = (event.step, self._seen(event.device))
+                first = self._first
+                if (
+                    self._watching == event.device
+                    and first is not None
+                    and event.step != first.step
+                ):
+                    self._watching = None  # another request moved it: "after" is complete
+            case PhaseChanged():
+                self._watching = None  # the rollback (or the next phase) begins
             case DeviceHung() if self._hung is None and self._first is None:
                 self._hung = event
         self.model = reduce(self.model, record)
@@ -274,12 +287,23 @@ class Diagnoser:
                 self._first_at = (record.seq, record.at_ns)
                 if event.device is not None:
                     dev = event.device
-                    # a failed request's answer came before the error: the state it met
-                    self._before_first = self._failed_request.get(dev, self._seen(dev))
+                    self._before_first = self._state_before(dev, event.step)
                     self._after = self._seen(dev)
                     self._watching = dev
             case StateChanged() | DebugfsSampled() if event.device == self._watching:
                 self._after = self._seen(event.device)
+
+    def _state_before(self, dev: DeviceId, step: str) -> Seen:
+        """The state the failing step met: as its failed request's answer found it, or, for
+        a request that moved the device part of the way (a state change with the same step
+        just before the error), before that change; else as it is now."""
+        failed = self._failed_request.get(dev)
+        if failed is not None:
+            return failed
+        moved = self._pre_change.get(dev)
+        if moved is not None and moved[0] == step:
+            return moved[1]
+        return self._seen(dev)
 
     def _sizes(self, dev: DeviceId) -> tuple[int | None, int | None]:
         src = DeviceId(Role.SOURCE, dev.index)
