@@ -157,10 +157,13 @@ class Seen:
 
     ioctl: DeviceState | None
     debugfs: str | None  #: the debugfs text; None if never sampled
+    stale: bool = False  #: the debugfs sample predates the device's last state change
 
     def text(self) -> str:
         ioctl = self.ioctl.name if self.ioctl is not None else "unknown"
         debugfs = self.debugfs.strip() if self.debugfs is not None else "not sampled"
+        if self.debugfs is not None and self.stale:
+            debugfs += " (sampled before the last state change)"
         return f"{ioctl} by ioctl, {debugfs} by debugfs"
 
 
@@ -243,6 +246,7 @@ class Diagnoser:
         self.model = RunView()
         self._failed_request: dict[DeviceId, Seen] = {}
         self._pre_change: dict[DeviceId, tuple[str, Seen]] = {}
+        self._stale: set[DeviceId] = set()  #: debugfs sampled before the last state change
         self._opened_size: dict[DeviceId, int | None] = {}
         self._first: ErrorRaised | None = None
         self._first_at: tuple[int, int] | None = None
@@ -253,7 +257,7 @@ class Diagnoser:
 
     def _seen(self, dev: DeviceId) -> Seen:
         d = self.model.device(dev)
-        return Seen(d.state, d.debugfs_text)
+        return Seen(d.state, d.debugfs_text, dev in self._stale)
 
     def feed(self, record: Observed) -> None:
         event = record.event
@@ -281,6 +285,11 @@ class Diagnoser:
             case DeviceHung() if self._hung is None and self._first is None:
                 self._hung = event
         self.model = reduce(self.model, record)
+        match event:
+            case DebugfsSampled():
+                self._stale.discard(event.device)
+            case StateChanged():
+                self._stale.add(event.device)
         match event:
             case ErrorRaised() if self._first is None:
                 self._first = event
@@ -339,7 +348,12 @@ class Diagnoser:
             evidence = (*evidence, "the run completed despite this error (after the commit point)")
         if first.device is not None and self._after is not None:
             d = self._after
-            if d.debugfs is not None and d.ioctl is not None and d.debugfs.strip() != d.ioctl.name:
+            if (
+                d.debugfs is not None
+                and d.ioctl is not None
+                and not d.stale
+                and d.debugfs.strip() != d.ioctl.name
+            ):
                 evidence = (
                     *evidence,
                     f"debugfs reads {d.debugfs.strip()} but the ioctl state is {d.ioctl.name}: "
