@@ -357,7 +357,8 @@ class Cluster:
         return [item.event async for item in self.seen if isinstance(item, Record)]
 
     async def settle(self) -> None:
-        """Wait until every agent holds no device (runs closed, fallbacks done)."""
+        """Wait until every agent holds no device and serves no orchestrator (runs closed,
+        fallbacks done)."""
         with trio.fail_after(30):
             for running in self.agents:
                 await running.agent.wait_idle()

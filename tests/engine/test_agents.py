@@ -94,6 +94,7 @@ async def test_a_wrong_key_is_refused_before_any_change(cluster, sims, remote_si
         await cluster.migrate([(src, dst)], key=b"not the key, but as long as one")
     assert caught.value.exit_status is ExitStatus.PEER
     assert "same key file" in (caught.value.hint or "")
+    await cluster.settle()
     assert (a.sims.state("a"), a.sims.state("b")) == (None, None)  # never opened
     assert any("authentication failed" in line for line in a.log)
 

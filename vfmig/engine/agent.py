@@ -262,7 +262,7 @@ class Agent:
         self._bind: Callable[[str], Awaitable[tuple[str, int]]] | None = None
         self._fallbacks: dict[str, trio.Event] = {}  #: run id -> set when its fallback ended
         self._graces: dict[str, trio.CancelScope] = {}
-        self._released = trio.Event()
+        self._changed = trio.Event()
         self.stopping = False
 
     def log(self, line: str) -> None:
@@ -313,6 +313,7 @@ class Agent:
             self._sessions.discard(session)
             session.end()
             self._session_ended(session)
+            self._change()
 
     async def serve_data(self, stream: trio.abc.Stream, *, peer: str, key: bytes | None) -> None:
         """Accept one data link on ``stream``: a source agent streaming to a ticket of ours."""
@@ -518,15 +519,18 @@ class Agent:
         return None
 
     async def wait_idle(self) -> None:
-        """Wait until this agent holds no device (every run closed or fallen back)."""
-        while self.slots:
-            await self._released.wait()
+        """Wait until this agent holds no device and serves no orchestrator."""
+        while self.slots or self._sessions:
+            await self._changed.wait()
+
+    def _change(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
     async def _release(self, slot: Slot) -> None:
         await self._stop_streams(slot)
         self.slots.pop(slot.handle, None)
-        self._released.set()
-        self._released = trio.Event()
+        self._change()
         try:
             await slot.worker.close()
         except VfmigError as exc:

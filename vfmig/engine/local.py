@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from vfmig.engine.agent import Agent, AgentConfig
+from vfmig.engine.agent import Agent
 from vfmig.engine.link import PeerError
 from vfmig.engine.orchestrator import LOCAL, Endpoint
 
 if TYPE_CHECKING:
-    from vfmig.engine.agent import Agent as _Agent
+    from vfmig.engine.agent import AgentConfig
 
 
 class LocalAgent:
@@ -35,13 +35,12 @@ class LocalAgent:
 
     def __init__(self, config: AgentConfig) -> None:
         self.agent = Agent(config)
+        self.agent.use_data_binder(self._bind)
         self._listeners: dict[str, int] = {}
 
-    async def run(self, *, task_status: trio.TaskStatus[_Agent] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            agent: Agent = await nursery.start(self.agent.run)
-            agent.use_data_binder(self._bind)
-            task_status.started(agent)
+    async def run(self, *, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the agent's background tasks until cancelled (reports the agent)."""
+        await self.agent.run(task_status=task_status)
 
     def endpoint(self) -> Endpoint:
         return Endpoint(host=LOCAL, connect=self._connect)
