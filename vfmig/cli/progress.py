@@ -205,13 +205,15 @@ class ProgressDisplay:
         self.names = dict(names or {})
         if console is None:
             if live:
-                console = Console(file=env.stdout, force_terminal=True)
+                # emoji=False: device names such as 'sim:a:b' must not turn into emoji codes.
+                console = Console(file=env.stdout, force_terminal=True, emoji=False)
             else:
                 console = Console(
                     file=env.stdout,
                     force_terminal=False,
                     no_color=True,
                     highlight=False,
+                    emoji=False,
                     width=PLAIN_WIDTH,
                 )
         self.console = console

@@ -167,7 +167,12 @@ def _print_summary(env: Environment, model: RunView, names: dict[str, str]) -> N
     from vfmig.cli.progress import PLAIN_WIDTH, render_summary, short_name
 
     console = Console(
-        file=env.stdout, force_terminal=False, no_color=True, highlight=False, width=PLAIN_WIDTH
+        file=env.stdout,
+        force_terminal=False,
+        no_color=True,
+        highlight=False,
+        emoji=False,
+        width=PLAIN_WIDTH,
     )
     env.print("")
 
