@@ -18,6 +18,7 @@ from vfmig import __version__
 from vfmig.cli import (
     agent,
     devices,
+    doctor,
     fsm,
     inspect,
     journal,
@@ -33,7 +34,19 @@ from vfmig.core.errors import ExitStatus, VfmigError
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-SUBCOMMANDS = (fsm, devices, inspect, migrate, agent, keygen, recover, replay, journal, save_load)
+SUBCOMMANDS = (
+    fsm,
+    devices,
+    inspect,
+    migrate,
+    agent,
+    keygen,
+    recover,
+    replay,
+    journal,
+    doctor,
+    save_load,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
