@@ -16,6 +16,11 @@ vfmig's policy, identical for every backend:
 * a successful SET that ends the data session closes it, one that opens a
   session makes it :attr:`MigrationDevice.session`.
 
+Every primitive (and the precopy query) is reported to :attr:`MigrationDevice.observer`
+if one is set: the ioctl's uAPI name, its arguments (``("feature", 2), ("set", 1),
+("device_state", 3)``), result, errno and duration -- the journal's ``IoctlCompleted``
+records. The observer is a plain callable, called in the calling (device) thread.
+
 ``set_state_unchecked`` skips the vetting (it still refuses the two arcs that
 hang unfixed kernels): the conformance suite uses it to compare backends on
 requests the kernel itself refuses.
@@ -29,17 +34,37 @@ from __future__ import annotations
 import abc
 import enum
 import errno as _errno
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Final, Self, TypeVar
 
 from vfmig.core import fsm
 from vfmig.core.errors import DeviceError, RequestRefused, StateChangeError
 from vfmig.core.fsm import DeviceState, MigrationFlags
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import TracebackType
+    from typing import TypeAlias
+
+    #: ``observer(name, args, result, errno, duration_ns)``: one completed ioctl.
+    IoctlObserver: TypeAlias = Callable[
+        [str, tuple[tuple[str, int], ...], int, int | None, int], None
+    ]
 
     from vfmig.device.debugfs import DebugfsReader
+
+
+#: uAPI names and feature ids the observer reports (linux/vfio.h).
+FEATURE: Final = "VFIO_DEVICE_FEATURE"
+RESET: Final = "VFIO_DEVICE_RESET"
+PRECOPY_INFO: Final = "VFIO_MIG_GET_PRECOPY_INFO"
+FEATURE_MIG_DEVICE_STATE: Final = 2
+FEATURE_MIG_DATA_SIZE: Final = 9
+_STATE: Final = (("feature", FEATURE_MIG_DEVICE_STATE),)
+_GET_STATE: Final = (*_STATE, ("get", 1))
+_GET_SIZE: Final = (("feature", FEATURE_MIG_DATA_SIZE), ("get", 1))
+_T = TypeVar("_T")
 
 
 class Direction(enum.Enum):
@@ -99,6 +124,22 @@ class MigrationDevice(abc.ABC):
 
     def __init__(self) -> None:
         self._session: DataSession | None = None
+        #: Told of every ioctl this device completes (see the module docstring).
+        self.observer: IoctlObserver | None = None
+
+    def _observed(self, name: str, args: tuple[tuple[str, int], ...], call: Callable[[], _T]) -> _T:
+        """Run one primitive, reporting it to the observer (if any) whether it fails or not."""
+        observer = self.observer
+        if observer is None:
+            return call()
+        start = time.monotonic_ns()
+        try:
+            result = call()
+        except (OSError, DeviceError) as exc:  # a data session reports DeviceError itself
+            observer(name, args, -1, exc.errno, time.monotonic_ns() - start)
+            raise
+        observer(name, args, 0, None, time.monotonic_ns() - start)
+        return result
 
     # --- primitives, kernel-exact ------------------------------------------------------
 
@@ -140,7 +181,7 @@ class MigrationDevice(abc.ABC):
 
     def get_state(self) -> DeviceState:
         try:
-            return self._get_state()
+            return self._observed(FEATURE, _GET_STATE, self._get_state)
         except OSError as exc:
             raise DeviceError(self.name, "GET device state", errno=exc.errno) from exc
 
@@ -166,7 +207,8 @@ class MigrationDevice(abc.ABC):
     def _checked_set(self, cur: DeviceState, target: int) -> DataSession | None:
         name = DeviceState(target).name if 0 <= target < fsm.NUM_STATES else str(target)
         try:
-            new_session = self._set_state(target)
+            args = (*_STATE, ("set", 1), ("device_state", target))
+            new_session = self._observed(FEATURE, args, lambda: self._set_state(target))
         except OSError as exc:
             after = self._read_back()
             if self._session is not None and (
@@ -190,7 +232,7 @@ class MigrationDevice(abc.ABC):
 
     def _read_back(self) -> DeviceState | None:
         try:
-            return self._get_state()
+            return self._observed(FEATURE, _GET_STATE, self._get_state)
         except OSError:
             return None
 
@@ -202,13 +244,13 @@ class MigrationDevice(abc.ABC):
     def reset(self) -> None:
         self._drop_session()
         try:
-            self._reset()
+            self._observed(RESET, (), self._reset)
         except OSError as exc:
             raise DeviceError(self.name, "VFIO_DEVICE_RESET", errno=exc.errno) from exc
 
     def data_size(self) -> int:
         try:
-            return self._data_size()
+            return self._observed(FEATURE, _GET_SIZE, self._data_size)
         except OSError as exc:
             raise DeviceError(self.name, "GET MIG_DATA_SIZE", errno=exc.errno) from exc
 
@@ -221,7 +263,7 @@ class MigrationDevice(abc.ABC):
                 "no saving data session",
                 errno=_errno.EINVAL,
             )
-        return session.precopy_info()
+        return self._observed(PRECOPY_INFO, (), session.precopy_info)
 
     def close(self) -> None:
         self._drop_session()

@@ -48,7 +48,7 @@ import os
 import secrets
 import socket
 import ssl
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
@@ -56,7 +56,14 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from vfmig.core.errors import DataError, DeviceError, DeviceHung, RequestRefused, VfmigError
-from vfmig.core.events import ChunkReceived, ChunkSent, ErrorRaised, RunFinished, StreamEnded
+from vfmig.core.events import (
+    ChunkReceived,
+    ChunkSent,
+    ErrorRaised,
+    IoctlCompleted,
+    RunFinished,
+    StreamEnded,
+)
 from vfmig.core.events import SwitchoverAcked as SwitchoverAckedEvent
 from vfmig.core.fsm import DeviceState
 from vfmig.core.model import (
@@ -103,9 +110,11 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from pathlib import Path
 
+    from vfmig.core.events import Event as RunEvent
     from vfmig.core.spec import DeviceSpec
     from vfmig.device.backend import MigrationDevice, PrecopyInfo
     from vfmig.engine.worker import Executor
+    from vfmig.journal.runs import RunJournals
     from vfmig.protocol import Event, Value
 
 #: Largest chunk read from a data fd (QEMU's size; buffers above it gained nothing for mlx5).
@@ -147,6 +156,8 @@ class AgentConfig:
     client_ssl: ssl.SSLContext | None = None
     executor: Executor = thread_executor
     log: Callable[[str], None] = lambda line: None
+    #: This agent's own journals of the runs it serves (``vfmig agent --journal-dir``).
+    journal: RunJournals | None = None
 
 
 def protocol_config(key: bytes | None, *, level: int | None = DEFAULT_COMPRESSION_LEVEL) -> Config:
@@ -227,6 +238,8 @@ class Slot:
     stream_complete: bool = False
     fallback_failed: bool = False
     fallback_reset: bool = False
+    #: Ioctls completed in the device's thread, not yet sent as IoctlCompleted.
+    ioctls: deque[IoctlCompleted] = field(default_factory=deque)
 
     @property
     def device_id(self) -> DeviceId:
@@ -420,7 +433,10 @@ class Agent:
         if handler is None:
             raise _AgentError(Code.UNKNOWN_METHOD, f"this agent does not serve {method!r}")
         slot = self._slot(session, _param(params, "device", str))
-        return await handler(self, slot, params)
+        try:
+            return await handler(self, slot, params)
+        finally:
+            await self._flush_ioctls(slot)
 
     def _slot(self, session: ControlSession, handle: str) -> Slot:
         slot = self.slots.get(handle)
@@ -477,6 +493,7 @@ class Agent:
                 device, label=handle, step_timeout=step_timeout, executor=self.config.executor
             )
             slot = Slot(handle, spec, worker, f"{handle}@{self.identity}", session, run, [dev_id])
+            device.observer = partial(_observe, slot)
             self.slots[handle] = slot
             run.slots.append(slot)
             self.log(f"opened {handle} as {dev_id} of run {run_id}")
@@ -495,6 +512,7 @@ class Agent:
             size: int | None = await worker.data_size()
         except DeviceError:
             size = None
+        await self._flush_ioctls(slot)
         return wire.opened_result(
             wire.Opened(
                 handle=handle,
@@ -516,6 +534,8 @@ class Agent:
             if not run.committed and run.verdict is None:
                 run.verdict = False  # closed without a Commit: final, never started here
             self.log(f"run {run.id} ended ({run.answer().value})")
+            if self.config.journal is not None:
+                await self.config.journal.end(run.id)
         return None
 
     async def wait_idle(self) -> None:
@@ -657,8 +677,29 @@ class Agent:
     # --- notifications ----------------------------------------------------------------------
 
     async def notify(self, slot: Slot, payload: dict[str, Value]) -> None:
+        await self._flush_ioctls(slot)
+        await self._send_notice(slot, payload)
+
+    async def _send_notice(self, slot: Slot, payload: dict[str, Value]) -> None:
+        journal = self.config.journal
+        if journal is not None and slot.run is not None:
+            devices = [(i, str(s.spec)) for s in slot.run.slots for i in s.ids]
+            await journal.notice(slot.run.id, devices, payload)
         if slot.owner is not None:
             await slot.owner.notify(payload)
+
+    async def _journal_fallback(self, run: Run, slots: list[Slot], event: RunEvent) -> None:
+        """Journal what a fallback decided, after the ioctls that led there."""
+        for slot in slots:
+            await self._flush_ioctls(slot)
+        if slots:
+            await self._send_notice(slots[0], wire.event_notice(run.id, event))
+
+    async def _flush_ioctls(self, slot: Slot) -> None:
+        """Send the ioctls the device's thread completed, in order, before anything newer."""
+        run = slot.run.id if slot.run is not None else ""
+        while slot.ioctls:
+            await self._send_notice(slot, wire.event_notice(run, slot.ioctls.popleft()))
 
     # --- losing the orchestrator --------------------------------------------------------------
 
@@ -705,9 +746,12 @@ class Agent:
         for peer, group in by_peer.items():
             await self._fallback_group(run, Role.SOURCE, group, peer)
         for slot in slots:
+            await self._flush_ioctls(slot)
             slot.owner = None
             await self._release(slot)
         run.owner = None
+        if self.config.journal is not None:
+            await self.config.journal.end(run.id)
 
     async def _fallback_group(
         self, run: Run, role: Role, slots: list[Slot], peer: str | None
@@ -754,6 +798,7 @@ class Agent:
                     run.verdict = action.committed
                 elif isinstance(action, Emit):
                     event = action.event
+                    await self._journal_fallback(run, slots, event)
                     if isinstance(event, ErrorRaised | RunFinished):
                         text = event.summary if isinstance(event, RunFinished) else event.message
                         self.log(f"run {run.id}: {text}")
@@ -874,6 +919,27 @@ def _device_id(text: str) -> DeviceId:
         return DeviceId.parse(text)
     except ValueError as exc:
         raise _AgentError(Code.BAD_PARAMS, str(exc)) from None
+
+
+def _observe(
+    slot: Slot,
+    name: str,
+    args: tuple[tuple[str, int], ...],
+    result: int,
+    errno: int | None,
+    duration_ns: int,
+) -> None:
+    """The device's ioctl observer (in its thread): queue the record for the event loop."""
+    slot.ioctls.append(
+        IoctlCompleted(
+            device=slot.device_id,
+            name=name,
+            args=args,
+            result=result,
+            errno=errno,
+            duration_ns=duration_ns,
+        )
+    )
 
 
 def _timeout(params: dict[str, Value], default: float | None) -> float | None:

@@ -25,6 +25,7 @@ module of :mod:`vfmig.journal` that imports trio.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -34,6 +35,8 @@ from vfmig.journal.codec import JournalError
 from vfmig.journal.writer import DURABLE
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from vfmig.engine.bus import Subscription
     from vfmig.journal.writer import JournalWriter
 
@@ -45,6 +48,18 @@ BATCH_RECORDS: Final = 256
 FLUSH_INTERVAL: Final = 0.25
 #: How long the final write and close may take once the task is cancelled.
 CLOSE_TIMEOUT: Final = 10.0
+
+
+def bus_clock() -> Callable[[], int]:
+    """The trio clock (the default bus's) in nanoseconds, readable from any thread: give it
+    to the writer (``mono_clock=``) so that the records it stamps itself (data, closing)
+    share the clock of the bus's records. Call it inside ``trio.run``."""
+    offset = int(trio.current_time() * 1e9) - time.perf_counter_ns()
+
+    def now() -> int:
+        return time.perf_counter_ns() + offset
+
+    return now
 
 
 def _write(writer: JournalWriter, batch: list[Record]) -> None:

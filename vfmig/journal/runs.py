@@ -1,0 +1,170 @@
+"""An agent's own journals: one per run it serves, written beside the orchestrator's.
+
+Theory of operation
+-------------------
+An agent (``vfmig agent --journal-dir DIR``, or the default store) keeps its side of every
+run, so a host that lost its orchestrator still has a record. :class:`RunJournals` is
+handed every notice the agent sends an orchestrator (:meth:`RunJournals.notice`): the
+events among them (ioctls, chunks sent and received, stream ends, switchover acks) are
+published on a bus of the run's own, which a :func:`~vfmig.journal.recorder.record` task
+writes to ``<store>/<time>Z-agent-<run id>.vfj`` exactly as the orchestrator's journal
+is written (batched in a worker thread, lossless, a second lost at most on ``kill -9``).
+Record times are this process's trio clock, which the header's ``start_mono_ns`` shares;
+``vfmig journal merge`` puts them on the orchestrator's clock from chunk pairs. Each
+record's origin is ``host`` (the agent's name for itself).
+
+With ``data=True`` a run's destination stream is captured too: :meth:`RunJournals.tap`
+gives the device thread a callable that appends the decoded bytes as DATA records
+(``JournalWriter.append_data`` is thread-safe and writes frames of at most 1 MiB, so
+memory stays bounded). The journal of a run is created at its first notice and closed by
+:meth:`RunJournals.end` (the run's devices are closed) or when :meth:`RunJournals.run`
+is cancelled (the agent stops).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from functools import partial
+from typing import TYPE_CHECKING
+
+import trio
+
+from vfmig import __version__
+from vfmig.engine.bus import EventBus, Lossless
+from vfmig.engine.wire import WireError, parse_notice
+from vfmig.journal.codec import DeviceInfo, JournalError, JournalHeader
+from vfmig.journal.recorder import bus_clock, record
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from pathlib import Path
+
+    from vfmig.core.model import DeviceId
+    from vfmig.journal.store import JournalStore
+    from vfmig.journal.writer import JournalWriter
+    from vfmig.protocol import Value
+
+#: Bounded subscription of each run's recorder (a slow disk slows the agent, loses nothing).
+QUEUE: int = 1024
+
+
+class _RunJournal:
+    def __init__(self, writer: JournalWriter) -> None:
+        self.writer = writer
+        self.bus = EventBus()
+        self.done = trio.Event()
+
+
+class RunJournals:
+    """Journals of the runs one agent serves; start with ``await nursery.start(j.run)``."""
+
+    def __init__(
+        self,
+        store: JournalStore,
+        *,
+        host: str,
+        data: bool = False,
+        log: Callable[[str], None] = lambda line: None,
+    ) -> None:
+        self.store = store
+        self.host = host
+        self.data = data
+        self._log = log
+        self._runs: dict[str, _RunJournal] = {}
+        self._failed: set[str] = set()
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the recorder tasks; when cancelled, every open journal is closed."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    def path(self, run_id: str) -> Path | None:
+        """The journal of ``run_id``, once it has been created."""
+        journal = self._runs.get(run_id)
+        return None if journal is None else journal.writer.path
+
+    async def notice(
+        self, run_id: str, devices: Sequence[tuple[DeviceId, str]], payload: dict[str, Value]
+    ) -> None:
+        """Journal the event a notice carries (progress and facts are not events)."""
+        if "event" not in payload:
+            return
+        journal = await self._journal(run_id, devices)
+        if journal is None:
+            return
+        try:
+            event = parse_notice(payload).event
+        except WireError:
+            return
+        if event is not None:
+            await journal.bus.publish(event, origin=self.host)
+
+    def tap(self, run_id: str, dev: DeviceId) -> Callable[[int, memoryview], None] | None:
+        """With data capture on and ``run_id``'s journal open: ``tap(offset, raw)`` appends
+        stream bytes as DATA records; call it from the device's thread."""
+        journal = self._runs.get(run_id)
+        if not self.data or journal is None:
+            return None
+        writer = journal.writer
+
+        def append(offset: int, raw: memoryview) -> None:
+            writer.append_data(dev, offset, raw)
+
+        return append
+
+    async def end(self, run_id: str) -> None:
+        """The run is over here: close its journal (waits for the last records to be written)."""
+        journal = self._runs.get(run_id)
+        if journal is None:
+            return
+        journal.bus.close()
+        with trio.move_on_after(30):
+            await journal.done.wait()
+
+    async def _journal(
+        self, run_id: str, devices: Sequence[tuple[DeviceId, str]]
+    ) -> _RunJournal | None:
+        journal = self._runs.get(run_id)
+        if journal is not None or run_id in self._failed or self._nursery is None:
+            return journal
+        header = JournalHeader(
+            host=self.host,
+            role="agent",
+            run_id=run_id,
+            kernel=platform.release(),
+            start_wall_ns=time.time_ns(),
+            start_mono_ns=int(trio.current_time() * 1e9),
+            devices=tuple(DeviceInfo(id=dev, spec=spec) for dev, spec in devices),
+            data=self.data,
+            vfmig=__version__,
+        )
+        try:
+            create = partial(self.store.create, header, mono_clock=bus_clock())
+            writer = await trio.to_thread.run_sync(create)
+        except JournalError as exc:
+            self._failed.add(run_id)  # the migration goes on without this side's journal
+            self._log(f"run {run_id}: not journaled: {exc.message}")
+            return None
+        journal = self._runs[run_id] = _RunJournal(writer)
+        self._log(f"run {run_id}: journal {writer.path}")
+        await self._nursery.start(self._record, journal)
+        return journal
+
+    async def _record(
+        self, journal: _RunJournal, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            await record(
+                journal.bus.subscribe(Lossless(QUEUE)), journal.writer, task_status=task_status
+            )
+        except JournalError as exc:
+            self._log(f"journal {journal.writer.path}: {exc.message}")
+        finally:
+            journal.done.set()
