@@ -52,3 +52,14 @@ def kernel_source() -> Path:
 def prerequisite() -> Callable[[str], None]:
     """``prerequisite(reason)``: skip locally, fail under CI (tests cannot import conftest)."""
     return need
+
+
+@pytest.fixture(autouse=True)
+def journal_store(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Runs journal into the default store: never the real one (``$VFMIG_JOURNAL_DIR``, which
+    child processes inherit, points every test at a temporary store)."""
+    store = tmp_path_factory.mktemp("journal-store")
+    monkeypatch.setenv("VFMIG_JOURNAL_DIR", str(store))
+    return store

@@ -5,8 +5,10 @@ Theory of operation
 A run given no ``--journal PATH`` is journaled into the store all the same, as an
 aircraft's recorder runs on every flight: ``$XDG_STATE_HOME/vfmig`` (default
 ``~/.local/state/vfmig``) for a user, ``/var/lib/vfmig`` for root -- root ignores
-``XDG_STATE_HOME``, which ``sudo`` may carry over from the user who called it. The
-directory is created with mode 0700; journals inside have mode 0600.
+``XDG_STATE_HOME``, which ``sudo`` may carry over from the user who called it.
+``$VFMIG_JOURNAL_DIR`` (an absolute path) overrides both, for root too: it is set on
+purpose, never inherited by accident (the test suite points it at a temporary directory).
+The directory is created with mode 0700; journals inside have mode 0600.
 
 Names sort by time: ``<UTC yyyymmddThhmmss.ffffff>Z-<role>-<run id>.vfj``. After each new
 journal, :meth:`JournalStore.rotate` deletes the oldest ones beyond ``keep`` (default
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
 DEFAULT_KEEP: Final = 20
 SUFFIX: Final = ".vfj"
 ROOT_DIR: Final = Path("/var/lib/vfmig")
+#: An explicit journal directory, for every user.
+ENV_DIR: Final = "VFMIG_JOURNAL_DIR"
 _NAME = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[a-z0-9-]+-[A-Za-z0-9_.-]+\.vfj$")
 
 
@@ -41,6 +45,9 @@ def default_dir(environ: Mapping[str, str] | None = None, uid: int | None = None
     """Where journals go without ``--journal`` (see the module docstring)."""
     environ = os.environ if environ is None else environ
     uid = os.geteuid() if uid is None else uid
+    explicit = environ.get(ENV_DIR, "")
+    if explicit and Path(explicit).is_absolute():
+        return Path(explicit)
     if uid == 0:
         return ROOT_DIR
     state = environ.get("XDG_STATE_HOME", "")
