@@ -9,6 +9,13 @@ or Ctrl-C before the commit point every device is brought back, after it the com
 finished. The exit status is the outcome's (0 completed, 1 failed, 2 usage, 3 refused,
 4 peer lost, 5 in doubt, 6 hung, 130 interrupted).
 
+Every run is journaled (docs/journal.md): into ``--journal PATH``, or else the journal
+store (the newest ``--keep-journals`` kept). The recorder subscribes to the run's bus
+before the first event, so the journal holds every event, the agents' included (each with
+its origin, stamped on this process's clock as it arrives). The commit point is on disk
+before any agent is told to commit. With ``--journal-data`` the in-process agent also
+writes each stream it receives into the journal as it writes it to the device.
+
 This module starts fast: trio and the engine are imported only when the command runs, and
 textual never.
 """
@@ -31,13 +38,16 @@ if TYPE_CHECKING:
     from vfmig.cli.context import Environment
     from vfmig.cli.progress import ProgressDisplay
     from vfmig.core.spec import DeviceSpec
-    from vfmig.engine.bus import Subscription
+    from vfmig.engine.bus import Record, Subscription
     from vfmig.engine.orchestrator import Orchestrator, RunReport
+    from vfmig.journal.writer import JournalWriter
 
 #: Step timeout (seconds) when --timeout is not given.
 DEFAULT_STEP_TIMEOUT = 30.0
 #: How long precopy may go on past --max-precopy while switchover-acks are missing.
 PRECOPY_ACK_GRACE_NS = 60 * 10**9
+#: How long the commit waits for the journal to hold the commit point on disk.
+COMMIT_JOURNAL_TIMEOUT = 10.0
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -101,8 +111,39 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="a device step (ioctl, data read or write) taking longer counts as hung "
         f"(default {DEFAULT_STEP_TIMEOUT:g})",
     )
+    parser.add_argument(
+        "--journal",
+        type=Path,
+        metavar="PATH",
+        help="journal the run into PATH (a new file; default: the journal store)",
+    )
+    parser.add_argument(
+        "--journal-data",
+        action="store_true",
+        help="journal the device streams too (destinations of this host; vfmig load "
+        "re-drives them)",
+    )
+    parser.add_argument(
+        "--keep-journals",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="the journal store keeps the newest N journals (default 20)",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON envelope")
     parser.set_defaults(run=run)
+
+
+def _count(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return value
 
 
 def _positive(text: str) -> float:
@@ -171,22 +212,76 @@ def run(args: argparse.Namespace, env: Environment) -> int:
             hint="create one with 'vfmig keygen PATH' and give the same file to every agent",
         )
     tls = client_tls(args.tls_cert, args.tls_key, args.tls_ca)
+    if args.journal_data and any(dst.remote for _, dst in pairs):
+        raise UsageError(
+            "--journal-data captures the streams of this host's destinations only",
+            hint="run the destination's agent with --journal-data and merge its journal "
+            "(vfmig journal merge)",
+        )
+    if args.journal is not None and args.keep_journals is not None:
+        raise UsageError("--keep-journals is for the journal store: not with --journal PATH")
+    journal: list[Path] = []  # the run's journal, once created
 
     import trio
 
     try:
-        report = trio.run(_migrate, args, env, pairs, key, tls)
+        report = trio.run(_migrate, args, env, pairs, key, tls, journal)
     except VfmigError as exc:
         if not args.json:
             raise
         error = {"outcome": None, "message": exc.message, "hint": exc.hint}
+        if journal:
+            error["journal"] = str(journal[0])
         env.emit_json("migrate", None, error=error)
         return int(exc.exit_status)
     if args.json:
-        env.emit_json("migrate", _json_result(report), error=_json_error(report))
+        result = {**_json_result(report), "journal": str(journal[0])}
+        env.emit_json("migrate", result, error=_json_error(report))
     else:
         _print_errors(env, report)
+        env.print(f"journal: {journal[0]}")
     return int(report.outcome.exit_status)
+
+
+def _open_journal(
+    args: argparse.Namespace, pairs: list[tuple[DeviceSpec, DeviceSpec]], run_id: str
+) -> JournalWriter:
+    """The run's journal writer (``--journal PATH`` or the store), on the bus's clock."""
+    import platform
+    import socket
+    import time
+
+    import trio
+
+    from vfmig import __version__
+    from vfmig.core.model import destination, source
+    from vfmig.journal.codec import DeviceInfo, JournalHeader
+    from vfmig.journal.recorder import bus_clock
+    from vfmig.journal.store import DEFAULT_KEEP, JournalStore
+    from vfmig.journal.writer import JournalWriter
+
+    devices = []
+    for i, (src, dst) in enumerate(pairs):
+        devices += [
+            DeviceInfo(id=source(i), spec=str(src)),
+            DeviceInfo(id=destination(i), spec=str(dst)),
+        ]
+    header = JournalHeader(
+        host=socket.gethostname(),
+        role="orchestrator",
+        run_id=run_id,
+        kernel=platform.release(),
+        start_wall_ns=time.time_ns(),
+        start_mono_ns=int(trio.current_time() * 1e9),
+        devices=tuple(devices),
+        data=bool(args.journal_data),
+        vfmig=__version__,
+    )
+    clock = bus_clock()
+    if args.journal is not None:
+        return JournalWriter.create(args.journal, header, mono_clock=clock)
+    store = JournalStore(keep=args.keep_journals or DEFAULT_KEEP)
+    return store.create(header, mono_clock=clock)
 
 
 async def _migrate(
@@ -195,7 +290,9 @@ async def _migrate(
     pairs: list[tuple[DeviceSpec, DeviceSpec]],
     key: bytes | None,
     tls: ssl.SSLContext | None,
+    journal: list[Path],
 ) -> RunReport:
+    import secrets
     import signal
     from functools import partial
 
@@ -207,10 +304,12 @@ async def _migrate(
     from vfmig.core.phases import MachineConfig, PhaseTimeouts, PrecopyMode
     from vfmig.core.policy import ConvergenceConfig
     from vfmig.engine.agent import AgentConfig
-    from vfmig.engine.bus import EventBus, Ring
+    from vfmig.engine.bus import EventBus, Lossless, Ring
     from vfmig.engine.link import connect
     from vfmig.engine.local import LocalAgent
     from vfmig.engine.orchestrator import Endpoint, Orchestrator, OrchestratorConfig
+    from vfmig.journal.recorder import Written, record
+    from vfmig.journal.runs import DataCapture
 
     step = float(args.timeout)
     max_precopy_ns = int(args.max_precopy * 1e9)
@@ -226,6 +325,28 @@ async def _migrate(
     )
     config = OrchestratorConfig(machine=machine, compress_level=args.compress_level)
     bus = EventBus()
+    run_id = secrets.token_hex(8)
+    writer = _open_journal(args, pairs, run_id)  # the header is synced: a few ms
+    journal.append(writer.path)
+    written = Written()
+    recorded = trio.Event()
+
+    async def recorder(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await record(
+                bus.subscribe(Lossless(1024)), writer, written=written, task_status=task_status
+            )
+        finally:
+            recorded.set()
+
+    async def commit_point_on_disk(commit: Record) -> None:
+        with trio.move_on_after(COMMIT_JOURNAL_TIMEOUT):
+            if await written.wait(commit.seq):
+                return
+        print(
+            f"vfmig: warning: the commit point is not on disk in {writer.path}; committing",
+            file=env.stderr,
+        )
 
     async def remote(address: str) -> tuple[trio.abc.Stream, bytes | None]:
         return await connect(address, ssl_context=tls), key
@@ -245,13 +366,19 @@ async def _migrate(
     report: RunReport | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
+            await nursery.start(recorder)
             if any(not spec.remote for pair in pairs for spec in pair):
+                capture = DataCapture(writer) if args.journal_data else None
                 local = LocalAgent(
-                    AgentConfig(name="local", key=key, step_timeout=step, client_ssl=tls)
+                    AgentConfig(
+                        name="local", key=key, step_timeout=step, client_ssl=tls, journal=capture
+                    )
                 )
                 await nursery.start(local.run)
                 endpoints["local"] = local.endpoint()
-            orchestrator = Orchestrator(pairs, endpoints, bus, config)
+            orchestrator = Orchestrator(
+                pairs, endpoints, bus, config, run_id=run_id, commit_hook=commit_point_on_disk
+            )
             nursery.start_soon(_on_signals, signals, orchestrator)
             done = trio.Event()
             if args.json:
@@ -265,6 +392,7 @@ async def _migrate(
                 failure = exc
             bus.close()
             await done.wait()
+            await recorded.wait()  # the journal is written and closed
             nursery.cancel_scope.cancel()
     for display in shown:
         display.close(summarize(report.tally) if report is not None else None)

@@ -83,7 +83,7 @@ from vfmig.device.open import open_device
 from vfmig.engine import wire
 from vfmig.engine.link import Link, LinkClosed, PeerError, connect, with_link
 from vfmig.engine.wire import Code, Fact, FactKind, Progress, Verdict
-from vfmig.engine.worker import DeviceWorker, thread_executor
+from vfmig.engine.worker import DeviceWorker, ReadResult, thread_executor
 from vfmig.protocol import (
     DEFAULT_COMPRESSION_LEVEL,
     AbortStream,
@@ -110,22 +110,32 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from pathlib import Path
 
+    import zstandard
+
     from vfmig.core.events import Event as RunEvent
     from vfmig.core.spec import DeviceSpec
     from vfmig.device.backend import MigrationDevice, PrecopyInfo
     from vfmig.engine.worker import Executor
-    from vfmig.journal.runs import RunJournals
+    from vfmig.journal.runs import AgentJournal
     from vfmig.protocol import Event, Value
 
 #: Largest chunk read from a data fd (QEMU's size; buffers above it gained nothing for mlx5).
 CHUNK_SIZE: Final = 1 << 20
 #: Chunks the destination lets be in flight per stream (its credit window).
 WINDOW_CHUNKS: Final = 4
+#: Chunks a sender reads and encodes ahead of the one it is sending.
+READ_AHEAD: Final = 2
+#: A sender reports its stream's progress at most this often (seconds), and at its end.
+PROGRESS_INTERVAL: Final = 0.05
 #: A precopy read that found nothing is retried after this long, doubling up to MAX_POLL.
 MIN_POLL: Final = 0.002
 MAX_POLL: Final = 0.05
 #: Notifications queued towards one orchestrator before the data path waits for it.
 NOTIFY_CAPACITY: Final = 256
+#: Chunk progress waits at most this long (seconds) for more notices to share a frame.
+NOTIFY_LINGER: Final = 0.02
+#: Most notices in one batch (a few KiB: far below the protocol's frame and array limits).
+NOTIFY_BATCH: Final = 64
 #: A source's agent asks the destination's agent for this long before calling it in doubt.
 ASK_PEER_FOR: Final = 10.0
 ASK_PEER_EVERY: Final = 0.2
@@ -157,7 +167,7 @@ class AgentConfig:
     executor: Executor = thread_executor
     log: Callable[[str], None] = lambda line: None
     #: This agent's own journals of the runs it serves (``vfmig agent --journal-dir``).
-    journal: RunJournals | None = None
+    journal: AgentJournal | None = None
 
 
 def protocol_config(key: bytes | None, *, level: int | None = DEFAULT_COMPRESSION_LEVEL) -> Config:
@@ -187,12 +197,26 @@ class ControlSession:
             await self._send.send(payload)
 
     async def pump(self) -> None:
-        """Send queued notifications until the session ends."""
+        """Send queued notifications until the session ends. Chunk progress waits up to
+        NOTIFY_LINGER for more to share its frame; anything else goes out at once."""
         async with self._receive:
             async for payload in self._receive:
+                batch = [payload]
+                ended = False
+                if wire.deferrable(payload):
+                    with trio.move_on_after(NOTIFY_LINGER):
+                        while len(batch) < NOTIFY_BATCH and wire.deferrable(batch[-1]):
+                            try:
+                                batch.append(await self._receive.receive())
+                            except trio.EndOfChannel:
+                                ended = True
+                                break
+                message = batch[0] if len(batch) == 1 else wire.batch_notice(batch)
                 try:
-                    await self.link.send(Notification(payload=payload))
+                    await self.link.send(Notification(payload=message))
                 except PeerError:
+                    return
+                if ended:
                     return
 
     def end(self) -> None:
@@ -981,6 +1005,12 @@ _DEVICE_METHODS: Final[dict[str, Callable[[Agent, Slot, dict[str, Value]], Await
 # --- streams ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _ReadAhead:
+    started: float  #: when the read began (trio time)
+    result: ReadResult
+
+
 class Sender:
     """The source side of one stream: read, compress, send within credit."""
 
@@ -1015,6 +1045,7 @@ class Sender:
         self.raw = 0
         self.wire = 0
         self.busy_ns = 0
+        self._unsent = 0  #: raw bytes read ahead, not sent yet (they use credit)
         self._connected = False
 
     def switch(self, phase: StreamPhase) -> None:
@@ -1101,18 +1132,11 @@ class Sender:
         finally:
             self.agent._links.discard(link)
 
-    async def _wait_credit(self, conn: Connection) -> None:
-        while conn.send_window(self.stream) <= 0:
-            self._credit = trio.Event()
-            await self._credit.wait()
-
     async def _pump(self, link: Link) -> None:
         conn = link.conn
         session = link.session
         assert session is not None
-        slot = self.slot
-        run = slot.run.id if slot.run else ""
-        worker = slot.worker
+        worker = self.slot.worker
         size = max(1, min(self.agent.config.chunk_size, session.max_chunk_size))
         try:
             estimate = await worker.data_size()
@@ -1121,28 +1145,85 @@ class Sender:
             pass
         compress = session.compression and self.level is not None
         compressor = make_compressor(self.level) if compress and self.level is not None else None
-        buffer = bytearray(size)
-        seq = 0
+        # The device's thread reads and compresses the next chunks while this task sends:
+        # READ_AHEAD results queue, one is being sent, one is being read; a raw payload is a
+        # view of its buffer, so each of them has a buffer of its own.
+        buffers = [bytearray(size) for _ in range(READ_AHEAD + 2)]
+        results, receive = trio.open_memory_channel[_ReadAhead | Exception | None](READ_AHEAD)
+        error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_ahead, conn, buffers, size, compressor, results)
+            try:
+                await self._send_all(link, receive)
+            except Exception as exc:  # re-raised below, outside the nursery
+                error = exc
+            nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+
+    async def _read_ahead(
+        self,
+        conn: Connection,
+        buffers: list[bytearray],
+        size: int,
+        compressor: zstandard.ZstdCompressor | None,
+        results: trio.MemorySendChannel[_ReadAhead | Exception | None],
+    ) -> None:
+        """Read and encode chunks within the credit the sent ones leave; None says a read
+        found nothing now; the end of stream or the first error is the last item."""
+        worker = self.slot.worker
         poll = MIN_POLL
-        await self._wait_credit(conn)
-        while True:
-            await self._send_mark(link)
-            window = conn.send_window(self.stream)
-            if window <= 0:
-                await self._wait_credit(conn)
+        turn = 0
+        async with results:
+            try:
+                while True:
+                    window = conn.send_window(self.stream) - self._unsent
+                    if window <= 0:
+                        self._credit = trio.Event()
+                        await self._credit.wait()
+                        continue
+                    started = trio.current_time()
+                    buffer = buffers[turn % len(buffers)]
+                    result = await worker.read_chunk(
+                        buffer, min(size, window), compressor, self._advance
+                    )
+                    if result is None:
+                        await results.send(None)  # the sender may owe a switchover mark
+                        await trio.sleep(poll)
+                        poll = min(poll * 2, MAX_POLL)
+                        continue
+                    poll = MIN_POLL
+                    turn += 1
+                    self._unsent += result.raw
+                    await results.send(_ReadAhead(started, result))
+                    if result.raw == 0:
+                        return
+            except Exception as exc:  # the sending task raises it, in order
+                await results.send(exc)
+
+    async def _send_all(
+        self, link: Link, receive: trio.MemoryReceiveChannel[_ReadAhead | Exception | None]
+    ) -> None:
+        slot = self.slot
+        run = slot.run.id if slot.run else ""
+        seq = 0
+        sent_at = 0.0
+        reported_at: float | None = None
+        await self._send_mark(link)
+        async for item in receive:
+            if item is None:
+                await self._send_mark(link)
                 continue
-            started = trio.current_time()
-            result = await worker.read_chunk(buffer, min(size, window), compressor, self._advance)
-            if result is None:
-                await trio.sleep(poll)
-                poll = min(poll * 2, MAX_POLL)
-                continue
-            poll = MIN_POLL
+            if isinstance(item, Exception):
+                raise item
+            result = item.result
             if result.raw == 0:
                 await self._switched.wait()
                 await self._send_mark(link)
                 await link.send(EndOfStream(stream=self.stream, total=result.offset))
                 slot.stream_complete = True
+                if reported_at is not None and reported_at < sent_at:
+                    await self._notify_progress(run)
                 event = ChunkSent(
                     device=slot.device_id, seq=seq, offset=result.offset, raw=0, wire=0, final=True
                 )
@@ -1153,11 +1234,16 @@ class Sender:
             await link.send_chunk(
                 self.stream, seq, result.offset, result.raw, result.encoding, result.payload
             )
+            self._unsent -= result.raw
             wire_bytes = len(result.payload)
             self.sent_offset = result.offset + result.raw
             self.raw += result.raw
             self.wire += wire_bytes
-            self.busy_ns += int((trio.current_time() - started) * 1e9)
+            # Busy: from the read's start (or the previous chunk's send, if later) to now;
+            # polls for data and waits for credit are not counted.
+            now = trio.current_time()
+            self.busy_ns += int((now - max(item.started, sent_at)) * 1e9)
+            sent_at = now
             event = ChunkSent(
                 device=slot.device_id,
                 seq=seq,
@@ -1168,10 +1254,17 @@ class Sender:
             )
             seq += 1
             await self.agent.notify(slot, wire.event_notice(run, event))
-            progress = Progress(
-                device=slot.device_id, raw=self.raw, wire=self.wire, busy_ns=self.busy_ns
-            )
-            await self.agent.notify(slot, wire.progress_notice(run, progress))
+            if reported_at is None or now - reported_at >= PROGRESS_INTERVAL:
+                await self._notify_progress(run)
+                reported_at = now
+            await self._send_mark(link)
+
+    async def _notify_progress(self, run: str) -> None:
+        slot = self.slot
+        progress = Progress(
+            device=slot.device_id, raw=self.raw, wire=self.wire, busy_ns=self.busy_ns
+        )
+        await self.agent.notify(slot, wire.progress_notice(run, progress))
 
     async def _send_mark(self, link: Link) -> None:
         mark = self._mark_at
@@ -1232,6 +1325,8 @@ class Receiver:
         session = self.link.session
         assert session is not None
         decompressor = make_decompressor(session.max_chunk_size) if session.compression else None
+        journal = self.agent.config.journal
+        tap = journal.tap(run, dev) if journal is not None else None
         marks_seen = 0
         self.agent.log(f"{slot.handle}: receiving stream {self.stream}")
         with self._scope:
@@ -1239,7 +1334,7 @@ class Receiver:
             async for event in self._receive:
                 if isinstance(event, DataChunk):
                     await slot.worker.write_chunk(
-                        event, decompressor, session.max_chunk_size, event.offset
+                        event, decompressor, session.max_chunk_size, event.offset, tap
                     )
                     self._written = event.offset + event.raw_len
                     await self._send_quietly(Credit(stream=self.stream, increment=event.raw_len))

@@ -17,7 +17,11 @@ one input, hand it to the machine, execute the actions it returns in order.
   a data listener and a one-time ticket and tells the source's agent to connect there
   (later, to drain to end of stream); ``StopStream`` stops both ends. Device bytes flow
   agent to agent: the orchestrator never carries them.
-* ``Commit`` is executed inline: every agent of the run is told before anything else runs.
+* ``Commit`` is executed inline: every agent of the run is told before anything else runs,
+  but only once ``CommitPointPassed`` is published (here, not at the machine's Emit of it
+  that follows) and the commit hook has returned -- ``vfmig migrate`` waits there until
+  the journal holds the commit point on disk, so an in-doubt run can always be placed on
+  one side of it.
 * ``Emit`` publishes the event on the bus; ``Finish`` ends the loop.
 
 Inputs also come from outside the machine's requests: the agents' notifications (chunks,
@@ -39,7 +43,14 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from vfmig.core import events
-from vfmig.core.events import ErrorRaised, RunFinished, StateChanged, StreamStarted, Tally
+from vfmig.core.events import (
+    CommitPointPassed,
+    ErrorRaised,
+    RunFinished,
+    StateChanged,
+    StreamStarted,
+    Tally,
+)
 from vfmig.core.fsm import DeviceState
 from vfmig.core.model import (
     Abort,
@@ -92,7 +103,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping, Sequence
 
     from vfmig.core.spec import DeviceSpec
-    from vfmig.engine.bus import EventBus
+    from vfmig.engine.bus import EventBus, Record
     from vfmig.protocol import Event, Value
 
 #: The machine's clock tick (phase deadlines and precopy sampling derive from it).
@@ -157,12 +168,15 @@ class Orchestrator:
         *,
         run_id: str | None = None,
         trace: Callable[[Action], Awaitable[None]] | None = None,
+        commit_hook: Callable[[Record], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config or OrchestratorConfig()
         self.run_id = run_id or secrets.token_hex(8)
         self._bus = bus
         self._endpoints = endpoints
         self._trace = trace
+        self._commit_hook = commit_hook
+        self._commit_published = False
         self._specs: dict[DeviceId, DeviceSpec] = {}
         for i, (src, dst) in enumerate(pairs):
             self._specs[source(i)] = src
@@ -300,11 +314,13 @@ class Orchestrator:
             if self._trace is not None:
                 await self._trace(action)
             if isinstance(action, Emit):
+                if isinstance(action.event, CommitPointPassed) and self._commit_published:
+                    continue  # published by the Commit it follows
                 await self._publish(action.event)
             elif isinstance(action, Finish):
                 return action.outcome
             elif isinstance(action, Commit):
-                await self._commit()
+                await self._commit(action)
             elif isinstance(action, OpenDevice | SetState | Reset | QueryPrecopy | QueryDataSize):
                 await self._queue(action.dev).send(action)
             elif isinstance(action, StartStream | StopStream):
@@ -337,7 +353,7 @@ class Orchestrator:
         finally:
             done.set()
 
-    async def _publish(self, event: events.Event, origin: str = "orchestrator") -> None:
+    async def _publish(self, event: events.Event, origin: str = "orchestrator") -> Record:
         record = await self._bus.publish(event, origin=origin)
         self._tally = events.tally(self._tally, record.at_ns, event)
         if isinstance(event, ErrorRaised):
@@ -346,6 +362,7 @@ class Orchestrator:
             self._result = event
         elif isinstance(event, StateChanged):
             self._states[event.device] = event.after
+        return record
 
     # --- device actions ------------------------------------------------------------------
 
@@ -573,8 +590,14 @@ class Orchestrator:
             except (PeerError, RpcError, trio.TooSlowError):
                 pass
 
-    async def _commit(self) -> None:
-        """Tell every agent of the run that it passed its point of no return."""
+    async def _commit(self, commit: Commit) -> None:
+        """Publish the commit point (the machine's Emit of it follows the Commit and is not
+        published again), let the commit hook see its record, then tell every agent of the
+        run that it passed its point of no return."""
+        record = await self._publish(CommitPointPassed(devices=commit.devices))
+        self._commit_published = True
+        if self._commit_hook is not None:
+            await self._commit_hook(record)
 
         async def tell(link: Link) -> None:
             try:
@@ -590,6 +613,14 @@ class Orchestrator:
     # --- notifications -------------------------------------------------------------------
 
     async def _on_notice(self, host: str, payload: dict[str, Value]) -> None:
+        if "batch" in payload:  # an agent's batch of notices (wire.batch_notice), in order
+            try:
+                items = wire.batch_items(payload)
+            except wire.WireError:
+                return
+            for item in items:
+                await self._on_notice(host, item)
+            return
         try:
             notice = wire.parse_notice(payload)
         except wire.WireError:

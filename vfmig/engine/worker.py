@@ -228,8 +228,10 @@ class DeviceWorker:
         decompressor: zstandard.ZstdDecompressor | None,
         max_chunk_size: int,
         offset: int,
+        tap: Callable[[int, memoryview], None] | None = None,
     ) -> None:
-        """Decode ``chunk`` and write all of it to the resuming session, in the thread.
+        """Decode ``chunk`` and write all of it to the resuming session, in the thread;
+        ``tap(offset, raw)`` then sees the written bytes there (a journal capturing them).
 
         Raises DataError for a write error (the first one stops the stream) and
         RemoteProtocolError for a payload that does not decode.
@@ -250,6 +252,8 @@ class DeviceWorker:
                         message="the driver took no bytes",
                     )
                 written += taken
+            if tap is not None:
+                tap(offset, raw)
 
         await self.run(call, step="data write")
 

@@ -50,6 +50,33 @@ FLUSH_INTERVAL: Final = 0.25
 CLOSE_TIMEOUT: Final = 10.0
 
 
+class Written:
+    """How far the recorder has written (and, for the durable kinds, synced): the commit
+    hook of ``vfmig migrate`` waits here until the commit point is on disk."""
+
+    def __init__(self) -> None:
+        self.seq = -1
+        self.ended = False
+        self._changed = trio.Event()
+
+    def advance(self, seq: int) -> None:
+        self.seq = max(self.seq, seq)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def end(self) -> None:
+        self.ended = True
+        self._changed.set()
+
+    async def wait(self, seq: int) -> bool:
+        """Wait until record ``seq`` is written; False if the recorder ended without it."""
+        while self.seq < seq:
+            if self.ended:
+                return False
+            await self._changed.wait()
+        return True
+
+
 def bus_clock() -> Callable[[], int]:
     """The trio clock (the default bus's) in nanoseconds, readable from any thread: give it
     to the writer (``mono_clock=``) so that the records it stamps itself (data, closing)
@@ -72,10 +99,12 @@ async def record(
     subscription: Subscription,
     writer: JournalWriter,
     *,
+    written: Written | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Journal every record of ``subscription`` (lossless) until the bus closes; then close
-    ``writer``. Raises :class:`~vfmig.journal.codec.JournalError` if the journal cannot be
+    ``writer``; ``written`` follows each batch once it is written. Raises
+    :class:`~vfmig.journal.codec.JournalError` if the journal cannot be
     written (the run should stop: it cannot be recorded)."""
     batch: list[Record] = []
     first_at: float | None = None
@@ -109,11 +138,17 @@ async def record(
                 or isinstance(batch[-1].event, DURABLE)
             ):
                 await trio.to_thread.run_sync(_write, writer, batch)
+                if written is not None and batch:
+                    written.advance(batch[-1].seq)
                 batch, first_at = [], None
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
             pending, batch = batch, []
             await trio.to_thread.run_sync(_finish, writer, pending, last_at_ns)
+            if written is not None and pending:
+                written.advance(pending[-1].seq)
+        if written is not None:
+            written.end()
 
 
 def _finish(writer: JournalWriter, batch: list[Record], last_at_ns: int | None) -> None:

@@ -19,6 +19,11 @@ gives the device thread a callable that appends the decoded bytes as DATA record
 memory stays bounded). The journal of a run is created at its first notice and closed by
 :meth:`RunJournals.end` (the run's devices are closed) or when :meth:`RunJournals.run`
 is cancelled (the agent stops).
+
+In local mode the in-process agent's events are already on the orchestrator's bus, so
+``vfmig migrate --journal-data`` gives it a :class:`DataCapture` instead: the same
+interface (:class:`AgentJournal`), which only taps the received stream straight into the
+run's journal.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ from __future__ import annotations
 import platform
 import time
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from vfmig import __version__
+from vfmig.core.model import source
 from vfmig.engine.bus import EventBus, Lossless
 from vfmig.engine.wire import WireError, parse_notice
 from vfmig.journal.codec import DeviceInfo, JournalError, JournalHeader
@@ -47,6 +53,48 @@ if TYPE_CHECKING:
 
 #: Bounded subscription of each run's recorder (a slow disk slows the agent, loses nothing).
 QUEUE: int = 1024
+
+
+def _appender(writer: JournalWriter, dev: DeviceId) -> Callable[[int, memoryview], None]:
+    """Data records of the stream ``dev`` receives, filed under its pair's source (a stream
+    is the source's: ``vfmig load --device src<N>``)."""
+    stream = source(dev.index)
+
+    def append(offset: int, raw: memoryview) -> None:
+        writer.append_data(stream, offset, raw)
+
+    return append
+
+
+class AgentJournal(Protocol):
+    """What an agent calls (``AgentConfig.journal``)."""
+
+    async def notice(
+        self, run_id: str, devices: Sequence[tuple[DeviceId, str]], payload: dict[str, Value]
+    ) -> None: ...
+
+    def tap(self, run_id: str, dev: DeviceId) -> Callable[[int, memoryview], None] | None: ...
+
+    async def end(self, run_id: str) -> None: ...
+
+
+class DataCapture:
+    """Local mode's agent journal: the received stream into ``writer`` (the run's journal),
+    events not at all (the orchestrator's bus has them)."""
+
+    def __init__(self, writer: JournalWriter) -> None:
+        self.writer = writer
+
+    async def notice(
+        self, run_id: str, devices: Sequence[tuple[DeviceId, str]], payload: dict[str, Value]
+    ) -> None:
+        return None
+
+    def tap(self, run_id: str, dev: DeviceId) -> Callable[[int, memoryview], None] | None:
+        return _appender(self.writer, dev)
+
+    async def end(self, run_id: str) -> None:
+        return None
 
 
 class _RunJournal:
@@ -112,12 +160,7 @@ class RunJournals:
         journal = self._runs.get(run_id)
         if not self.data or journal is None:
             return None
-        writer = journal.writer
-
-        def append(offset: int, raw: memoryview) -> None:
-            writer.append_data(dev, offset, raw)
-
-        return append
+        return _appender(journal.writer, dev)
 
     async def end(self, run_id: str) -> None:
         """The run is over here: close its journal (waits for the last records to be written)."""
