@@ -5,10 +5,13 @@ FIFO bytes on both ports) with precopy: mtty sends its 24-byte header in precopy
 72 bytes of its ports in stop-copy. mtty-2 -> mtty-1 is a natural failure: 96 bytes of
 state into a device that takes 60. The run must stop at the first refused write, bring
 the source back to RUNNING, reset the destination and name the failing step and errno.
+Both runs are journaled (``--journal``) and replayed (in this process): the journal of a
+real run holds every arc, the phases' bytes, and the failure with its rollback.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -20,10 +23,27 @@ from vfmig.core.fsm import DeviceState
 if TYPE_CHECKING:
     import subprocess
     from collections.abc import Callable
+    from pathlib import Path
 
     Cli = Callable[..., subprocess.CompletedProcess[str]]
+    Main = Callable[..., tuple[int, str, str]]
 
 pytestmark = pytest.mark.kernel
+
+
+def _replay(vfmig_main: Main, journal: Path) -> dict[str, Any]:
+    """``vfmig replay JOURNAL --json`` (in this process) -> its result; the journal is intact."""
+    status, out, err = vfmig_main("replay", str(journal), "--json")
+    assert status == ExitStatus.OK, out + err
+    result: dict[str, Any] = json.loads(out)["result"]
+    assert (result["status"]["intact"], result["status"]["closed"]) == (True, True), result
+    return result
+
+
+def _arcs(replay: dict[str, Any]) -> list[str]:
+    """The timeline's state changes of the devices (``src0 RUNNING -> PRE_COPY (...)``)."""
+    lines = [line for entry in replay["timeline"] for line in entry["lines"]]
+    return [line for line in lines if re.fullmatch(r"(src|dst)\d+ [A-Z_]+ -> [A-Z_]+ \(.*\)", line)]
 
 
 def _phase_row(output: str, phase: str) -> list[str]:
@@ -36,7 +56,12 @@ def _phase_row(output: str, phase: str) -> list[str]:
 
 
 def test_migrate_moves_uart_state_with_precopy(
-    uart: Any, vfmig_cli: Cli, at_rest: list[str]
+    guest: dict[str, Any],
+    uart: Any,
+    vfmig_cli: Cli,
+    vfmig_main: Main,
+    at_rest: list[str],
+    tmp_path: Path,
 ) -> None:
     source, destination = at_rest[0], at_rest[1]
     with uart.open(source) as src, uart.open(destination) as dst:
@@ -47,7 +72,10 @@ def test_migrate_moves_uart_state_with_precopy(
             uart.set_scr(dst, port, scr ^ 0xFF)
             uart.fill_fifo(dst, port, b"")
 
-    result = vfmig_cli("migrate", f"vfio:{source}", f"vfio:{destination}")
+    journal = tmp_path / "run.vfj"
+    result = vfmig_cli(
+        "migrate", f"vfio:{source}", f"vfio:{destination}", "--journal", str(journal)
+    )
     assert result.returncode == ExitStatus.OK, result.stdout + result.stderr
     # Precopy ran (mtty's 24-byte header), then stop-copy moved the 72 bytes of its ports.
     assert _phase_row(result.stdout, "precopy")[2] == "24 B", result.stdout
@@ -63,9 +91,31 @@ def test_migrate_moves_uart_state_with_precopy(
         assert [uart.drain_fifo(dst, port) for port in range(2)] == [b"Hi", b"there"]
         assert [uart.drain_fifo(src, port) for port in range(2)] == [b"Hi", b"there"]
 
+    # The run's journal, replayed: intact, every arc of both devices, the bytes of each phase.
+    replay = _replay(vfmig_main, journal)
+    assert replay["header"]["kernel"] == guest["kernel"]
+    specs = {device["id"]: device["spec"] for device in replay["header"]["devices"]}
+    assert specs == {"src0": f"vfio:{source}", "dst0": f"vfio:{destination}"}
+    assert replay["summary"]["outcome"] == "completed"
+    phases = replay["summary"]["phases"]
+    assert (phases["precopy"]["raw_bytes"], phases["stopcopy"]["raw_bytes"]) == (24, 72)
+    assert _arcs(replay) == [
+        "dst0 RUNNING -> RESUMING (RUNNING>RESUMING)",
+        "src0 RUNNING -> PRE_COPY (RUNNING>PRE_COPY)",
+        "src0 PRE_COPY -> STOP_COPY (PRE_COPY>STOP_COPY)",
+        "dst0 RESUMING -> STOP (RESUMING>STOP)",
+        "dst0 STOP -> RUNNING (STOP>RUNNING)",
+        "src0 STOP_COPY -> STOP (STOP_COPY>STOP)",
+    ]
+
 
 def test_migrate_into_a_smaller_device_fails_and_rolls_back(
-    guest: dict[str, Any], uart: Any, vfmig_cli: Cli, at_rest: list[str]
+    guest: dict[str, Any],
+    uart: Any,
+    vfmig_cli: Cli,
+    vfmig_main: Main,
+    at_rest: list[str],
+    tmp_path: Path,
 ) -> None:
     source = at_rest[0]
     small = next(d["uuid"] for d in guest["mdevs"] if d["type"] == "mtty-1")
@@ -74,7 +124,8 @@ def test_migrate_into_a_smaller_device_fails_and_rolls_back(
         uart.set_scr(dst, 0, 0x22)
         uart.fill_fifo(dst, 0, b"keep")
 
-    result = vfmig_cli("migrate", f"vfio:{source}", f"vfio:{small}")
+    journal = tmp_path / "run.vfj"
+    result = vfmig_cli("migrate", f"vfio:{source}", f"vfio:{small}", "--journal", str(journal))
     assert result.returncode == ExitStatus.FAILED, result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("vfmig: error:")]
     assert errors, result.stderr
@@ -92,3 +143,14 @@ def test_migrate_into_a_smaller_device_fails_and_rolls_back(
         assert uart.scr(dst, 0) == 0x22
         assert uart.drain_fifo(dst, 0) == b"keep"
         assert uart.scr(src, 0) == 0x11
+
+    # The journal tells the same story: the refused write, then the reset and the way back.
+    replay = _replay(vfmig_main, journal)
+    assert replay["summary"]["outcome"] == "failed"
+    lines = [line for entry in replay["timeline"] for line in entry["lines"]]
+    failure = re.compile(rf"ERROR dst0 \[\w+\] {re.escape(step[1])}: .* \({step[2]}\)$")
+    assert any(failure.match(line) for line in lines), lines
+    assert set(_arcs(replay)[-2:]) == {
+        "dst0 RESUMING -> RUNNING (reset)",
+        "src0 PRE_COPY -> RUNNING (PRE_COPY>RUNNING)",
+    }
