@@ -18,6 +18,9 @@ engine. This module is that half of the contract, written once for both ends:
 * **Notifications** carry the run id and one of: an event record
   (:func:`vfmig.core.events.to_record`: chunks, stream ends, switchover acks), a stream
   progress sample, or a :class:`Fact` -- a stream failure the machine must hear about.
+  An agent sends chunk progress in batches (``{"batch": [notice, ...]}``, in order): one
+  frame per few milliseconds of a stream instead of one per chunk; anything else is sent
+  at once, after the batch it would otherwise overtake.
 """
 
 from __future__ import annotations
@@ -26,7 +29,14 @@ import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vfmig.core.events import Event, RecordError, from_record, to_record
+from vfmig.core.events import (
+    ChunkReceived,
+    ChunkSent,
+    Event,
+    RecordError,
+    from_record,
+    to_record,
+)
 from vfmig.core.fsm import DeviceState, MigrationFlags
 from vfmig.core.model import DeviceId
 
@@ -280,6 +290,35 @@ def fact_notice(run: str, f: Fact) -> dict[str, Value]:
             "step": f.step,
         },
     }
+
+
+#: Event records of chunk progress (not the final ones): they may wait a moment for a batch.
+_CHUNK_TAGS = frozenset((ChunkSent.TAG, ChunkReceived.TAG))
+
+
+def deferrable(payload: dict[str, Value]) -> bool:
+    """Whether a notice is chunk progress (a ChunkSent or ChunkReceived that is not the
+    final one, or a progress sample) that may wait a few milliseconds to join a batch."""
+    if "progress" in payload:
+        return True
+    record = payload.get("event")
+    return (
+        isinstance(record, list) and len(record) > 1 and record[0] in _CHUNK_TAGS and not record[-1]
+    )
+
+
+def batch_notice(payloads: list[dict[str, Value]]) -> dict[str, Value]:
+    """Several notices in one Notification, in order (one frame, one MAC for all)."""
+    items: list[Value] = list(payloads)
+    return {"batch": items}
+
+
+def batch_items(payload: dict[str, Value]) -> list[dict[str, Value]]:
+    """The notices of a :func:`batch_notice`, in order."""
+    items = _get(payload, "batch", list)
+    if not all(isinstance(item, dict) for item in items):
+        raise WireError(f"a batch item is not a map in {items!r:.80}")
+    return items  # type: ignore[no-any-return]
 
 
 def _device(value: Any, key: str) -> DeviceId:
