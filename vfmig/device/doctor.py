@@ -625,7 +625,7 @@ class _Migration:
 
     supported: bool | None
     flags: MigrationFlags | None = None
-    source: str = ""  #: ``debugfs`` or ``probe``
+    source: str = ""  #: ``debugfs``, ``probe``, or ``driver`` (plain vfio-pci never migrates)
     dirty_tracking: bool | None = None  #: from debugfs ``features`` (6.18+)
 
 
