@@ -6,8 +6,20 @@ import pytest
 import trio
 import trio.testing
 
+from vfmig.core.events import ChunkReceived, StreamEnded, to_record
+from vfmig.core.model import DeviceId
+from vfmig.engine import wire
+from vfmig.engine.agent import ControlSession
 from vfmig.engine.link import Link, LinkClosed, PeerError, RpcError, with_link
-from vfmig.protocol import Config, Connection, ErrorResponse, Request, Response, Role
+from vfmig.protocol import (
+    Config,
+    Connection,
+    ErrorResponse,
+    Notification,
+    Request,
+    Response,
+    Role,
+)
 
 KEY = b"sixteen byte key and then some"
 
@@ -142,3 +154,45 @@ async def test_with_link_cancels_the_body_when_the_link_fails(nursery) -> None:
 
     with trio.fail_after(10), pytest.raises(PeerError):
         await with_link(orchestrator, ignore, body)
+
+
+async def test_chunk_notices_share_frames_and_keep_their_order(nursery) -> None:
+    dev = DeviceId.parse("dst0")
+    frames: list[dict] = []
+    done = trio.Event()
+
+    async def collect(event) -> None:
+        if isinstance(event, Notification):
+            frames.append(event.payload)
+            items = wire.batch_items(event.payload) if "batch" in event.payload else [event.payload]
+            if any("event" in item and item["event"][0] == StreamEnded.TAG for item in items):
+                done.set()
+
+    orchestrator, agent = pair()
+    nursery.start_soon(agent.run, ignore)
+    await nursery.start(orchestrator.run, collect)
+    session = ControlSession(agent, "orch")
+    session.subscribed = True
+    nursery.start_soon(session.pump)
+    sent = [
+        wire.event_notice(
+            "r", ChunkReceived(device=dev, seq=i, offset=i, raw=1, wire=1, final=False)
+        )
+        for i in range(40)
+    ]
+    sent.append(wire.event_notice("r", StreamEnded(device=dev, total=40, digest_ok=True)))
+    with trio.fail_after(10):
+        for payload in sent:
+            await session.notify(payload)
+        await done.wait()
+    received = [i for f in frames for i in (wire.batch_items(f) if "batch" in f else [f])]
+    assert received == sent
+    assert len(frames) < len(sent) / 4  # batched: a frame per few notices at most
+    assert [wire.deferrable(p) for p in sent] == [True] * 40 + [False]
+    final = wire.event_notice(
+        "r", ChunkReceived(device=dev, seq=40, offset=40, raw=0, wire=0, final=True)
+    )
+    assert not wire.deferrable(final)
+    assert (
+        to_record(ChunkReceived(device=dev, seq=0, offset=0, raw=1, wire=1, final=True))[-1] is True
+    )
