@@ -8,6 +8,11 @@ given). Simulated devices' files (image=, dump=, state-dir=) are confined to
 SIGTERM or Ctrl-C stops it gracefully: every migration it still serves is brought to
 rest by the failure policy first.
 
+The agent journals its side of every run (its ioctls, the chunks it sent or received, what
+a fallback did) into ``--journal-dir`` (default: the journal store), one journal per run,
+so a host that lost its orchestrator still has a record; ``--journal-data`` adds the
+streams it receives (``vfmig load`` re-drives them).
+
 trio and the engine are imported only when the command runs.
 """
 
@@ -26,6 +31,7 @@ if TYPE_CHECKING:
 
     from vfmig.cli.context import Environment
     from vfmig.engine.agent import AgentConfig
+    from vfmig.journal.runs import RunJournals
 
 #: Where an agent listens when --listen is not given (loopback only).
 DEFAULT_LISTEN = "127.0.0.1:7300"
@@ -78,6 +84,24 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="SECONDS",
         help="wait this long after losing an orchestrator before falling back (default 2)",
     )
+    parser.add_argument(
+        "--journal-dir",
+        type=Path,
+        metavar="DIR",
+        help="journal each run into DIR (default: the journal store)",
+    )
+    parser.add_argument(
+        "--journal-data",
+        action="store_true",
+        help="journal the device streams this agent receives too",
+    )
+    parser.add_argument(
+        "--keep-journals",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep the newest N journals of the directory (default 20)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -116,16 +140,22 @@ def run(args: argparse.Namespace, env: Environment) -> int:
         raise UsageError(f"--sim-dir {sim_dir} is not a directory")
     if not args.grace >= 0:
         raise UsageError("--grace must be zero or more seconds")
+    if args.keep_journals is not None and args.keep_journals < 1:
+        raise UsageError("--keep-journals must be 1 or more")
     server_tls, client_tls = _tls(args)
 
     import trio
 
     from vfmig.engine.agent import AgentConfig
+    from vfmig.journal.runs import RunJournals
+    from vfmig.journal.store import DEFAULT_KEEP, JournalStore
 
     def log(line: str) -> None:
         stamp = time.strftime("%H:%M:%S")
         print(f"{stamp} vfmig agent: {line}", file=env.stderr, flush=True)
 
+    store = JournalStore(args.journal_dir, keep=args.keep_journals or DEFAULT_KEEP)
+    journals = RunJournals(store, host=socket.gethostname(), data=args.journal_data, log=log)
     config = AgentConfig(
         name=f"agent on {socket.gethostname()}",
         key=key,
@@ -135,15 +165,16 @@ def run(args: argparse.Namespace, env: Environment) -> int:
         server_ssl=server_tls,
         client_ssl=client_tls,
         log=log,
+        journal=journals,
     )
     try:
-        trio.run(_serve, config, host, port)
+        trio.run(_serve, config, journals, host, port)
     except OSError as exc:
         raise UsageError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
     return 0
 
 
-async def _serve(config: AgentConfig, host: str, port: int) -> None:
+async def _serve(config: AgentConfig, journals: RunJournals, host: str, port: int) -> None:
     import signal
 
     import trio
@@ -153,6 +184,7 @@ async def _serve(config: AgentConfig, host: str, port: int) -> None:
     agent = Agent(config)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
+            await nursery.start(journals.run)
             await nursery.start(agent.run)
             control, data = await nursery.start(serve_tcp, agent, host, port)
             shown = f"[{host}]" if ":" in host else host
