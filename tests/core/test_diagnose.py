@@ -55,6 +55,7 @@ SCENARIOS: dict[str, Scenario] = {
     "write-refused": Scenario(faults=Faults(write_error=(8 * MIB + 100, errno.EFAULT))),
     "not-converged": Scenario(faults=Faults(no_ack=True), config=SHORT_PRECOPY),
     "peer-lost": Scenario(faults=Faults(lose_host=(DESTINATION_HOST, Phase.PRECOPY))),
+    "link-lost": Scenario(faults=Faults(break_link=Phase.PRECOPY)),
     "in-doubt": Scenario(faults=Faults(lose_host=(DESTINATION_HOST, Phase.COMMIT))),
     "hung": Scenario(faults=Faults(hang=(destination(0), "RESUMING>STOP"))),
     "refused": Scenario(faults=Faults(found={source(0): DeviceState.PRE_COPY})),

@@ -56,6 +56,7 @@ PINNED_TAGS = {
     15: "DeviceHung",
     16: "CommitPointPassed",
     17: "RunFinished",
+    18: "PeerLost",
 }
 
 

@@ -71,6 +71,7 @@ from vfmig.core.model import (
     StateObserved,
     StepTimedOut,
     StopStream,
+    StreamBroken,
     StreamEnded,
     StreamPhase,
     StreamProgress,
@@ -709,6 +710,8 @@ def inject(rig: Rig, row: Row) -> Callable[[], bool]:
             at_entry(lambda: [DataReadFailed(dev=S0, errno=errno.EIO, offset=24)])
         case "write error":
             at_entry(lambda: [DataWriteFailed(dev=D0, errno=errno.ENOMEM, offset=24)])
+        case "link lost":
+            at_entry(lambda: [StreamBroken(dev=dev or D0, reason="data link: connection reset")])
         case "data step hangs":
             step = "data read" if dev == S0 else "data write"
             at_entry(lambda: [StepTimedOut(dev=dev or S0, step=step)])

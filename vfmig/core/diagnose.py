@@ -39,6 +39,7 @@ from vfmig.core.events import (
     DeviceOpened,
     ErrorRaised,
     IoctlCompleted,
+    PeerLost,
     PhaseChanged,
     StateChanged,
 )
@@ -96,6 +97,12 @@ KNOWN: Final[dict[str, Known]] = {
         "precopy did not converge",
         "precopy ran out of time before the switchover could happen",
         "raise the precopy timeout or the downtime limit, or migrate without precopy",
+    ),
+    "link-lost": Known(
+        "the data link broke",
+        "the data link between the agents broke mid-stream (or could not be connected) while "
+        "both agents stayed reachable; the destination was reset, the source runs on",
+        "check the network path between the agents' hosts (firewall, MTU, the data port)",
     ),
     "peer-lost": Known(
         "peer lost",
@@ -254,6 +261,7 @@ class Diagnoser:
         self._before_first: Seen | None = None
         self._after: Seen | None = None
         self._watching: DeviceId | None = None
+        self._peer_lost: PeerLost | None = None
 
     def _seen(self, dev: DeviceId) -> Seen:
         d = self.model.device(dev)
@@ -284,6 +292,8 @@ class Diagnoser:
                 self._watching = None  # the rollback (or the next phase) begins
             case DeviceHung() if self._hung is None and self._first is None:
                 self._hung = event
+            case PeerLost() if self._peer_lost is None:
+                self._peer_lost = event
         self.model = reduce(self.model, record)
         match event:
             case DebugfsSampled():
@@ -419,7 +429,16 @@ class Diagnoser:
             self.model.finished is not None and self.model.finished.outcome is Outcome.IN_DOUBT
         ):
             return "in-doubt", tuple(evidence)
+        if cause is Cause.LINK_LOST:
+            return "link-lost", tuple(evidence)
         if cause is Cause.PEER_LOST:
+            lost = self._peer_lost
+            if lost is not None:
+                devices = ", ".join(str(d) for d in lost.devices) or "no device"
+                side = "after" if lost.committed else "before"
+                evidence.append(
+                    f"lost the agent at {lost.host} ({devices}) {side} the commit point"
+                )
             return "peer-lost", tuple(evidence)
         if cause is Cause.HUNG:
             hung = self._hung

@@ -391,6 +391,17 @@ class RunFinished(Event):
     summary: str  #: one line for a person
 
 
+@register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerLost(Event):
+    """The orchestrator lost its control link to the agent at ``host`` (schema 2)."""
+
+    TAG: ClassVar[int] = 18
+    host: str
+    devices: tuple[DeviceId, ...]  #: the run's devices of that agent
+    committed: bool  #: lost after the commit point
+
+
 # --- summary ------------------------------------------------------------------------------
 
 

@@ -149,6 +149,7 @@ class Cause(enum.Enum):
     PEER_LOST = "peer-lost"
     IN_DOUBT = "in-doubt"
     HUNG = "hung"
+    LINK_LOST = "link-lost"
     PHASE_TIMEOUT = "phase-timeout"
     INTERRUPTED = "interrupted"
     START_FAILED = "start-failed"
@@ -231,6 +232,11 @@ CAUSES: Final[dict[Cause, KnownCause]] = {
     Cause.STATE_DRIFT: KnownCause(
         "the device changed state outside vfmig's requests",
         "check that no other process drives this device",
+    ),
+    Cause.LINK_LOST: KnownCause(
+        "the data link between the agents broke (or could not be made) while both agents "
+        "stayed reachable; the destination never loads a partial stream",
+        "check the network path between the agents' hosts (firewall, MTU, the data port)",
     ),
     Cause.PEER_LOST: KnownCause(
         "lost contact with an agent; that agent brings its own devices back by the same policy",
@@ -397,6 +403,15 @@ class DataReadFailed(Input):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AgentLost(Input):
     host: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamBroken(Input):
+    """The data link of ``dev``'s pair broke mid-stream, or could not be connected, while
+    the agents' control links stayed up; ``reason`` says what the agent saw."""
+
+    dev: DeviceId
+    reason: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -68,6 +68,7 @@ from vfmig.core.events import (
     DeviceHung,
     ErrorRaised,
     Event,
+    PeerLost,
     PhaseChanged,
     RunFinished,
 )
@@ -111,6 +112,7 @@ from vfmig.core.model import (
     StateObserved,
     StepTimedOut,
     StopStream,
+    StreamBroken,
     StreamEnded,
     StreamPhase,
     StreamProgress,
@@ -379,6 +381,8 @@ class MigrationMachine:
                 self._on_data_failed(inp)
             case AgentLost():
                 self._on_agent_lost(inp)
+            case StreamBroken():
+                self._on_stream_broken(inp)
             case StepTimedOut():
                 self._on_timed_out(inp)
             case Tick():
@@ -912,6 +916,14 @@ class MigrationMachine:
             cause = Cause.READ_FAILED
         self._fail(dev, cause, step, errno=inp.errno)
 
+    def _on_stream_broken(self, inp: StreamBroken) -> None:
+        """A data link lost (both agents still answer): roll back, as for a data error."""
+        pair = self._pair(inp.dev)
+        if not pair.streaming or self._rolling_back:
+            return
+        self._stop_stream(pair)
+        self._fail(self._dev(inp.dev), Cause.LINK_LOST, "data link", detail=inp.reason)
+
     # --- losing devices ------------------------------------------------------------------
 
     def _abandon(self, dev: _Dev) -> None:
@@ -927,6 +939,9 @@ class MigrationMachine:
         for dev in lost:
             dev.lost = True
             self._abandon(dev)
+        self._emit(
+            PeerLost(host=inp.host, devices=tuple(d.id for d in lost), committed=self._committed)
+        )
         detail = f"{inp.host}: {', '.join(str(d.id) for d in lost)}"
         if not self._committed:
             self._fail(

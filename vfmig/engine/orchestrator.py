@@ -83,6 +83,7 @@ from vfmig.core.model import (
     StartStream,
     StepTimedOut,
     StopStream,
+    StreamBroken,
     StreamEnded,
     StreamProgress,
     SwitchoverAcked,
@@ -650,9 +651,14 @@ class Orchestrator:
         elif notice.fact is not None:
             f = notice.fact
             match f.kind:
-                case FactKind.READ_FAILED | FactKind.CONNECT_FAILED:
+                case FactKind.READ_FAILED:
                     await self._feed(DataReadFailed(dev=f.device, errno=f.errno, offset=f.offset))
-                case FactKind.WRITE_FAILED | FactKind.LINK_FAILED:
+                case FactKind.LINK_FAILED if f.errno == _errno.EBADMSG:  # a damaged chunk
+                    await self._feed(DataWriteFailed(dev=f.device, errno=f.errno, offset=f.offset))
+                case FactKind.CONNECT_FAILED | FactKind.LINK_FAILED:
+                    reason = f"{f.step} at offset {f.offset}: {f.message}"
+                    await self._feed(StreamBroken(dev=f.device, reason=reason))
+                case FactKind.WRITE_FAILED:
                     await self._feed(DataWriteFailed(dev=f.device, errno=f.errno, offset=f.offset))
                 case FactKind.HUNG:
                     await self._feed(StepTimedOut(dev=f.device, step=f.step))

@@ -49,8 +49,9 @@ if TYPE_CHECKING:
 
 MAGIC: Final = b"VFMIGJNL"
 FORMAT_VERSION: Final = 1
-#: The records' vocabulary. 1: the first schema (tests/journal/data/ keeps a journal of it).
-SCHEMA_VERSION: Final = 1
+#: The records' vocabulary. 1: the first schema (tests/journal/data/ keeps a journal of it);
+#: 2: PeerLost (tag 18).
+SCHEMA_VERSION: Final = 2
 
 FRAME_MAGIC: Final = b"VJF1"
 #: Frame flag: the frame's first record is a snapshot (a reader may start folding there).

@@ -61,6 +61,7 @@ from vfmig.core.model import (
     StartStream,
     StepTimedOut,
     StopStream,
+    StreamBroken,
     StreamEnded,
     StreamPhase,
     StreamProgress,
@@ -99,6 +100,7 @@ class Faults:
     hang: tuple[DeviceId, str] | None = None  #: this arc never returns
     no_ack: bool = False  #: destinations never ack their initial data
     lose_host: tuple[str, Phase] | None = None  #: this agent is lost when that phase starts
+    break_link: Phase | None = None  #: pair 0's data link breaks when that phase starts
     #: debugfs reads this state after every state change of the device (a driver bug)
     debugfs_lies: tuple[DeviceId, DeviceState] | None = None
     found: Mapping[DeviceId, DeviceState] = field(default_factory=dict)  #: states at open
@@ -291,6 +293,9 @@ class _Driver:
             if phase is when and host not in self.lost:
                 self.lost.add(host)
                 self.schedule(self.now + 1_000_000, AgentLost(host=host))
+        if faults.break_link is phase:
+            reason = "data link at offset 0: connection reset by peer"
+            self.schedule(self.now + 1_000_000, StreamBroken(dev=destination(0), reason=reason))
         if faults.abort_in is phase:
             self.schedule(self.now + 1_000_000, Abort(reason="Ctrl-C", signal="SIGINT"))
 
