@@ -27,7 +27,7 @@ import trio
 from vfmig.core import events as ev
 from vfmig.core.fsm import DeviceState
 from vfmig.core.model import Outcome, destination, source
-from vfmig.core.phases import MachineConfig
+from vfmig.core.phases import MachineConfig, PrecopyMode
 from vfmig.core.spec import parse_spec
 from vfmig.engine.agent import AgentConfig
 from vfmig.engine.bus import EventBus, Lossless
@@ -378,3 +378,42 @@ def test_an_agent_killed_in_stop_copy_leaves_a_readable_journal(
     diagnosis = diagnose(cli, path)
     assert diagnosis["outcome"] == "peer-lost"
     assert b.address in json.dumps(diagnosis)
+
+
+@pytest.mark.trio
+async def test_a_data_link_cut_mid_stream_is_link_lost(
+    cluster, remote_sims, tmp_path: Path
+) -> None:
+    from vfmig.core.model import Cause, Phase, StartStream, StreamPhase
+
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    src_sims = type(remote_sims)(tmp_path / "A", relative=True)
+    dst_sims = type(remote_sims)(tmp_path / "B", relative=True)
+    a = await cluster.agent(src_sims)
+    b = await cluster.agent(dst_sims)
+    src = src_sims.spec("a", size=8 * MIB, read_delay="0.2s", at=a.address)
+    dst = dst_sims.spec("b", size=8 * MIB, image=False, at=b.address)
+
+    async def cut_later() -> None:
+        await trio.sleep(0.5)  # a few chunks into stop-copy
+        for link in list(a.agent._links):
+            if link.peer.startswith("data receiver"):
+                await link.abort()  # the cable between the agents, pulled
+
+    async def trace(action: object) -> None:
+        if isinstance(action, StartStream) and action.phase is StreamPhase.STOPCOPY:
+            cluster.nursery.start_soon(cut_later)
+
+    machine = MachineConfig(precopy=PrecopyMode.OFF, step_timeout_ns=10**10)
+    report = await cluster.migrate([(src, dst)], machine=machine, trace=trace)
+    assert report.outcome is Outcome.FAILED
+    first = report.errors[0]
+    assert (first.cause, first.device, first.phase) == (
+        Cause.LINK_LOST,
+        destination(0),
+        Phase.STOPCOPY,
+    )
+    assert first.step == "data link"
+    await cluster.settle()
+    assert (src_sims.state("a"), dst_sims.state("b")) == (S.RUNNING, S.RUNNING)
