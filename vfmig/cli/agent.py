@@ -96,6 +96,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="journal the device streams this agent receives too",
     )
     parser.add_argument(
+        "--no-journal", action="store_true", help="do not journal (the orchestrator still does)"
+    )
+    parser.add_argument(
         "--keep-journals",
         type=int,
         default=None,
@@ -142,6 +145,8 @@ def run(args: argparse.Namespace, env: Environment) -> int:
         raise UsageError("--grace must be zero or more seconds")
     if args.keep_journals is not None and args.keep_journals < 1:
         raise UsageError("--keep-journals must be 1 or more")
+    if args.no_journal and (args.journal_dir or args.journal_data):
+        raise UsageError("--no-journal goes with neither --journal-dir nor --journal-data")
     server_tls, client_tls = _tls(args)
 
     import trio
@@ -154,8 +159,10 @@ def run(args: argparse.Namespace, env: Environment) -> int:
         stamp = time.strftime("%H:%M:%S")
         print(f"{stamp} vfmig agent: {line}", file=env.stderr, flush=True)
 
-    store = JournalStore(args.journal_dir, keep=args.keep_journals or DEFAULT_KEEP)
-    journals = RunJournals(store, host=socket.gethostname(), data=args.journal_data, log=log)
+    journals = None
+    if not args.no_journal:
+        store = JournalStore(args.journal_dir, keep=args.keep_journals or DEFAULT_KEEP)
+        journals = RunJournals(store, host=socket.gethostname(), data=args.journal_data, log=log)
     config = AgentConfig(
         name=f"agent on {socket.gethostname()}",
         key=key,
@@ -174,7 +181,7 @@ def run(args: argparse.Namespace, env: Environment) -> int:
     return 0
 
 
-async def _serve(config: AgentConfig, journals: RunJournals, host: str, port: int) -> None:
+async def _serve(config: AgentConfig, journals: RunJournals | None, host: str, port: int) -> None:
     import signal
 
     import trio
@@ -184,7 +191,8 @@ async def _serve(config: AgentConfig, journals: RunJournals, host: str, port: in
     agent = Agent(config)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(journals.run)
+            if journals is not None:
+                await nursery.start(journals.run)
             await nursery.start(agent.run)
             control, data = await nursery.start(serve_tcp, agent, host, port)
             shown = f"[{host}]" if ":" in host else host
