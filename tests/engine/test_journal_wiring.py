@@ -374,10 +374,15 @@ def test_an_agent_killed_in_stop_copy_leaves_a_readable_journal(
     assert received
     assert killed_at - max(e.wall_ns for e in found) < 1.5e9
 
-    # the orchestrator's journal names the lost host
+    # the orchestrator's journal names the lost host, typed
+    lost = [e for e in events_of(path) if isinstance(e, ev.PeerLost)]
+    assert [(e.host, e.devices, e.committed) for e in lost] == [
+        (b.address, (destination(0),), False)
+    ]
     diagnosis = diagnose(cli, path)
-    assert diagnosis["outcome"] == "peer-lost"
-    assert b.address in json.dumps(diagnosis)
+    assert (diagnosis["cause"], diagnosis["outcome"]) == ("peer-lost", "peer-lost")
+    assert any(b.address in line for line in diagnosis["evidence"])
+    assert cli("replay", str(path)).status == 0
 
 
 @pytest.mark.trio
