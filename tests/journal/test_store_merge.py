@@ -64,6 +64,19 @@ def test_store_rotation_keeps_the_newest(
     assert JournalStore(tmp_path).keep == DEFAULT_KEEP
 
 
+def test_last_is_the_newest_run_of_a_command_not_an_agent(
+    tmp_path: Path, journal_header: Callable[..., JournalHeader]
+) -> None:
+    store = JournalStore(tmp_path)
+    for i, role in enumerate(("agent", "orchestrator", "agent", "agent")):
+        h = journal_header(start_wall_ns=(1_700_000_000 + i) * S, run_id=f"r{i}", role=role)
+        store.create(h).close()
+    assert store.latest().name.endswith("-orchestrator-r1.vfj")
+    only_agents = JournalStore(tmp_path / "agents")
+    only_agents.create(journal_header(run_id="a", role="agent")).close()
+    assert only_agents.latest().name.endswith("-agent-a.vfj")
+
+
 def test_store_refuses_to_keep_nothing(tmp_path: Path) -> None:
     with pytest.raises(JournalError):
         JournalStore(tmp_path, keep=0)

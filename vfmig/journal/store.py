@@ -93,13 +93,16 @@ class JournalStore:
         return [self.directory / n for n in names]
 
     def latest(self) -> Path:
+        """The newest journal (``@last``): of a command run here, not an agent's own
+        journal of the same run (agents sharing this host's store write one just after)."""
         journals = self.journals()
         if not journals:
             raise JournalError(
                 f"no journal in {self.directory}",
                 hint="a run journals there when it is given no --journal PATH",
             )
-        return journals[-1]
+        ours = [p for p in journals if "Z-agent-" not in p.name]
+        return (ours or journals)[-1]
 
     def create(self, header: JournalHeader, **options: Any) -> JournalWriter:
         """A writer of a new journal in the store (mode 0600); older ones beyond keep go."""
