@@ -7,7 +7,9 @@ without (``--no-journal``), alternating. Each agent's CPU time (user + system, f
 ``/proc/<pid>/stat``) is read before and after every migration; the agents serve only
 that migration meanwhile. Printed: each round, the median CPU seconds of both agents
 together per mode, their ratio, and the size of the journals written per GiB migrated
-(orchestrator's and agents', no ``--journal-data``).
+(orchestrator's and agents', no ``--journal-data``). Then, since a whole migration's CPU
+varies more between rounds than journaling costs, the agent's recording path alone:
+``RunJournals.notice`` fed ``ChunkReceived`` notices in this process, CPU per event.
 
     .venv/bin/python tests/journal/bench_recording.py --size 512MiB --rounds 3
 """
@@ -78,6 +80,53 @@ def one_round(work: Path, key: Path, size: int, journal: bool, n: int) -> tuple[
     return sum(after) - sum(before), written
 
 
+def recording_path(events: int) -> float:
+    """CPU seconds per event of an agent's journal (parse, bus, recorder, writer, close)."""
+    import trio
+
+    from vfmig.core.events import ChunkReceived
+    from vfmig.core.model import destination
+    from vfmig.engine import wire
+    from vfmig.journal.runs import RunJournals
+    from vfmig.journal.store import JournalStore
+
+    spent: list[float] = []
+
+    async def drive(directory: Path) -> None:
+        journals = RunJournals(JournalStore(directory), host="bench")
+        devices = [(destination(0), "sim:b")]
+        notices = [
+            wire.event_notice(
+                "run",
+                ChunkReceived(
+                    device=destination(0),
+                    seq=i,
+                    offset=i * MiB,
+                    raw=MiB,
+                    wire=MiB // 3,
+                    final=False,
+                ),
+            )
+            for i in range(events + 1)
+        ]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(journals.run)
+            await journals.notice("run", devices, notices[0])  # creates the journal
+            start = time.process_time()  # every thread: the writer's included
+            for notice in notices[1:]:
+                await journals.notice("run", devices, notice)
+            await journals.end("run")
+            spent.append(time.process_time() - start)
+            nursery.cancel_scope.cancel()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trio.run(drive, Path(tmp))
+    return spent[0] / events
+
+
+MiB = 1 << 20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="512MiB")
@@ -104,6 +153,12 @@ def main() -> None:
     per_gib = statistics.median(sizes) * (1 << 30) / size
     print(f"median agents' CPU: journal {on:.3f} s, none {off:.3f} s: {100 * (on / off - 1):+.2f}%")
     print(f"journal size per GiB migrated (orchestrator + both agents): {per_gib / 1024:.1f} KiB")
+    per_event = statistics.median(recording_path(2048) for _ in range(3))
+    events = size // MiB
+    print(
+        f"agent recording path: {per_event * 1e6:.1f} us CPU per event; "
+        f"{events} chunks: {per_event * events * 1e3:.1f} ms per agent"
+    )
 
 
 if __name__ == "__main__":
