@@ -44,7 +44,6 @@ from vfmig.journal.recorder import bus_clock, record
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-    from pathlib import Path
 
     from vfmig.core.model import DeviceId
     from vfmig.journal.store import JournalStore
@@ -132,11 +131,6 @@ class RunJournals:
                 await trio.sleep_forever()
         finally:
             self._nursery = None
-
-    def path(self, run_id: str) -> Path | None:
-        """The journal of ``run_id``, once it has been created."""
-        journal = self._runs.get(run_id)
-        return None if journal is None else journal.writer.path
 
     async def notice(
         self, run_id: str, devices: Sequence[tuple[DeviceId, str]], payload: dict[str, Value]
