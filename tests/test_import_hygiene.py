@@ -78,3 +78,26 @@ def test_installed_names() -> None:
 
     assert vfmig.protocol.__name__ == "vfmig.protocol"
     assert vfmig.tui.__name__ == "vfmig.tui"
+
+
+def test_a_command_loads_only_its_own_module(tmp_path: object) -> None:
+    """``vfmig fsm`` starts without the engine, the journal or trio (lazy command table)."""
+    code = (
+        "import sys, io, contextlib\n"
+        "from vfmig.cli.main import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    status = main(['fsm', 'path', 'RUNNING', 'STOP'])\n"
+        "print(status, *sorted(sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True, check=True
+    )
+    status, *loaded = out.stdout.split()
+    assert status == "0"
+    heavy = [
+        m
+        for m in loaded
+        if m.split(".")[0] == "trio"
+        or m.startswith(("vfmig.engine", "vfmig.journal", "vfmig.cli.migrate"))
+    ]
+    assert not heavy, f"vfmig fsm loaded {heavy}"

@@ -9,47 +9,52 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import sys
 import traceback
 from typing import TYPE_CHECKING
 
 from vfmig import __version__
-from vfmig.cli import (
-    agent,
-    devices,
-    doctor,
-    fsm,
-    inspect,
-    journal,
-    keygen,
-    migrate,
-    recover,
-    replay,
-    save_load,
-)
 from vfmig.cli.context import Environment
 from vfmig.core.errors import ExitStatus, VfmigError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from types import ModuleType
 
-SUBCOMMANDS = (
-    fsm,
-    devices,
-    inspect,
-    migrate,
-    agent,
-    keygen,
-    recover,
-    replay,
-    journal,
-    doctor,
-    save_load,
-)
+#: Command name -> the module that defines it (``add_parser`` and ``run``). Only the module
+#: of the command being run is imported, so ``vfmig fsm`` never loads the engine or the
+#: journal: start-up time matters on slow machines (the kernel tier runs under TCG).
+COMMANDS: dict[str, str] = {
+    "fsm": "vfmig.cli.fsm",
+    "list": "vfmig.cli.devices",
+    "inspect": "vfmig.cli.inspect",
+    "doctor": "vfmig.cli.doctor",
+    "migrate": "vfmig.cli.migrate",
+    "agent": "vfmig.cli.agent",
+    "keygen": "vfmig.cli.keygen",
+    "recover": "vfmig.cli.recover",
+    "save": "vfmig.cli.save_load",
+    "load": "vfmig.cli.save_load",
+    "replay": "vfmig.cli.replay",
+    "journal": "vfmig.cli.journal",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _modules(command: str | None) -> list[ModuleType]:
+    """The module of ``command``, or every command module (for help and usage errors)."""
+    names = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    return [importlib.import_module(name) for name in names]
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv``: the first word that is not a top-level option."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command``, only that command's module is loaded and registered."""
     parser = argparse.ArgumentParser(
         prog="vfmig",
         description="Live migration of VFIO devices without a VM.",
@@ -59,14 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vfmig {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in SUBCOMMANDS:
+    for module in _modules(command):
         module.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> int:
     env = env or Environment()
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     try:
         status: int = args.run(args, env)
