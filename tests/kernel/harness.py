@@ -113,7 +113,9 @@ MODULES: dict[str, tuple[tuple[str, ...], str]] = {
     ),
 }
 
-DEFAULT_TIMEOUT = 600.0  #: whole guest run (boot, setup, pytest, power-off), seconds
+#: The whole guest run (boot, setup, pytest, power-off), seconds. A warm run takes 2-5 min
+#: under TCG depending on the load; the bound only stops a hung guest.
+DEFAULT_TIMEOUT = 1200.0
 #: The guest's pytest run: the tier's own tests and the device conformance suite (on mtty).
 DEFAULT_PYTEST_ARGS = ("tests/kernel", "tests/device/test_conformance.py", "-v")
 _KERNEL_LINE = re.compile(r"^\[\s*\d+\.\d+\]")
