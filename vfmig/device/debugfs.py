@@ -19,11 +19,11 @@ from __future__ import annotations
 import enum
 import errno as _errno
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from vfmig.core.fsm import DeviceState
+from vfmig.device.abandon import Abandoned, call_abandonable
 
 #: Where debugfs is mounted on a normal host.
 DEFAULT_ROOT = Path("/sys/kernel/debug")
@@ -52,28 +52,8 @@ class DebugfsReading:
     raw: str
 
 
-class DebugfsTimeout(Exception):
-    """A debugfs read did not return in time; its thread was abandoned."""
-
-
-def _read_with_timeout(path: Path, timeout: float) -> str:
-    result: list[str | BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(path.read_text())
-        except BaseException as exc:  # handed to the caller below
-            result.append(exc)
-
-    thread = threading.Thread(target=target, name=f"debugfs:{path}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if not result:
-        raise DebugfsTimeout(f"{path}: no answer in {timeout:g} s (driver stuck on its lock?)")
-    value = result[0]
-    if isinstance(value, BaseException):
-        raise value
-    return value
+def _read(path: Path, timeout: float) -> str:
+    return call_abandonable(path.read_text, timeout, f"debugfs read of {path}")
 
 
 class DebugfsReader:
@@ -116,8 +96,8 @@ class DebugfsReader:
         if available is not Availability.OK:
             return DebugfsReading(None, available.value)
         try:
-            text = _read_with_timeout(self.directory / "state", timeout).strip()
-        except DebugfsTimeout:
+            text = _read(self.directory / "state", timeout).strip()
+        except Abandoned:
             return DebugfsReading(None, "timeout")
         except OSError as exc:
             code = exc.errno if exc.errno is not None else _errno.EIO
@@ -133,7 +113,7 @@ class DebugfsReader:
         if not path.is_file():
             return None
         try:
-            text = _read_with_timeout(path, timeout)
-        except (OSError, DebugfsTimeout):
+            text = _read(path, timeout)
+        except (OSError, Abandoned):
             return None
         return frozenset(line.strip() for line in text.splitlines() if line.strip())

@@ -43,7 +43,6 @@ import fnmatch
 import gzip
 import os
 import re
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -51,6 +50,7 @@ from typing import TYPE_CHECKING, Final
 from vfmig.core.errors import DeviceError, errno_name
 from vfmig.core.fsm import DeviceState, MigrationFlags, flag_names
 from vfmig.device import sysfs
+from vfmig.device.abandon import Abandoned, call_abandonable
 from vfmig.device.debugfs import Availability, DebugfsReader
 from vfmig.device.kernel import REAL_KERNEL
 from vfmig.device.sysfs import HostPaths, SysfsDevice
@@ -542,23 +542,12 @@ def run_probe(
     Raises :class:`ProbeTimeout` if the device does not answer within ``timeout`` seconds
     (the thread doing it is abandoned).
     """
-    result: list[Probe | BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(_probe(dev, host, vf_token))
-        except BaseException as exc:  # handed to the caller below
-            result.append(exc)
-
-    thread = threading.Thread(target=target, name=f"doctor-probe:{dev.name}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if not result:
-        raise ProbeTimeout(f"no answer within {timeout:g} s")
-    value = result[0]
-    if isinstance(value, BaseException):
-        raise value
-    return value
+    try:
+        return call_abandonable(
+            lambda: _probe(dev, host, vf_token), timeout, f"doctor probe of {dev.name}"
+        )
+    except Abandoned:
+        raise ProbeTimeout(f"no answer within {timeout:g} s") from None
 
 
 def _probe(dev: SysfsDevice, host: DoctorHost, vf_token: uuid.UUID | None) -> Probe:
