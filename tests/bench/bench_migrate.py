@@ -13,10 +13,11 @@ Both sides move the same bytes over loopback on the same machine in the same run
 
 Rounds alternate which side goes first. Each round's result is checked (the dumped or
 received file must equal the source state) outside the timed region. Printed: every
-round, both medians, their ratio, and the peak RSS (VmHWM) of each agent and of the
-migrate command. Times are wall-clock of the whole command, process start-up included;
-vfmig's own run time (``total_ms`` of ``vfmig migrate --json``: without the interpreter's
-start-up) is shown next to it.
+round, both medians, their ratio, the median CPU seconds (user + system) of each process
+of either side (the agents' from /proc between the round's start and end), and the peak
+RSS (VmHWM) of each agent and of the migrate command. Times are wall-clock of the whole
+command, process start-up included; vfmig's own run time (``total_ms`` of ``vfmig migrate
+--json``: without the interpreter's start-up) is shown next to it.
 
 Until ``vfmig migrate`` and ``vfmig agent`` exist, only the peer half runs (and says so).
 Needs ``socat`` and ``zstd`` (Debian: ``apt-get install socat zstd``).
@@ -68,6 +69,15 @@ class Run:
     seconds: float
     peak_rss_kib: int  #: ru_maxrss of the measured process (the last one of a pipeline)
     run_seconds: float | None = None  #: the run's own time, as ``vfmig migrate --json`` says
+    #: CPU seconds (user + system) of each process of the side, in :data:`ROLES` order.
+    cpu: tuple[float, ...] = ()
+
+
+#: The processes whose CPU time each side reports.
+ROLES: dict[str, tuple[str, ...]] = {
+    "peer": ("sending zstd|socat", "receiving socat|zstd"),
+    "vfmig": ("source agent", "destination agent", "vfmig migrate"),
+}
 
 
 def free_port() -> int:
@@ -105,7 +115,7 @@ def wait_measured(process: subprocess.Popen[bytes], what: str) -> Run:
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise BenchError(f"{what} failed with status {process.returncode}")
-    return Run(seconds=0.0, peak_rss_kib=usage.ru_maxrss)
+    return Run(seconds=0.0, peak_rss_kib=usage.ru_maxrss, cpu=(usage.ru_utime + usage.ru_stime,))
 
 
 def file_digest(path: Path) -> str:
@@ -119,6 +129,13 @@ def vm_hwm_kib(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
     raise BenchError(f"no VmHWM in /proc/{pid}/status")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def tail(path: Path, lines: int = 5) -> str:
@@ -143,7 +160,7 @@ def peer_round(state: Path, received: Path, logs: Path) -> Run:
         start = time.perf_counter()
         sender = subprocess.Popen(["sh", "-c", send], stdout=subprocess.DEVNULL, stderr=log)
         started.append(sender)
-        wait_measured(sender, "the peer's sending zstd | socat")
+        sent = wait_measured(sender, "the peer's sending zstd | socat")
         done = wait_measured(receiver, "the peer's receiving socat | zstd -d")
         seconds = time.perf_counter() - start
     finally:
@@ -155,7 +172,7 @@ def peer_round(state: Path, received: Path, logs: Path) -> Run:
     if file_digest(received) != file_digest(state):
         raise BenchError("the peer's received file differs from the state")
     received.unlink()
-    return Run(seconds=seconds, peak_rss_kib=done.peak_rss_kib)
+    return Run(seconds=seconds, peak_rss_kib=done.peak_rss_kib, cpu=sent.cpu + done.cpu)
 
 
 # --- vfmig: two agents and a migrate per round -------------------------------------------
@@ -212,6 +229,7 @@ def vfmig_round(setup: Agents, source_spec: str, size: int, state: Path, logs: P
         "--json",
     ]
     out, err = logs / "migrate.json", logs / "migrate.log"
+    agents_before = [cpu_seconds(process.pid) for process in setup.processes]
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=VFMIG_ENV)
@@ -220,12 +238,21 @@ def vfmig_round(setup: Agents, source_spec: str, size: int, state: Path, logs: P
         except BenchError as exc:
             raise BenchError(f"{exc}:\n{tail(err)}") from None
         seconds = time.perf_counter() - start
+    agents_cpu = tuple(
+        cpu_seconds(process.pid) - before
+        for process, before in zip(setup.processes, agents_before, strict=True)
+    )
     if not dump.exists() or file_digest(dump) != file_digest(state):
         raise BenchError("the destination's dump differs from the source state")
     dump.unlink()
     total_ms = json.loads(out.read_text()).get("result", {}).get("total_ms")
     run_seconds = total_ms / 1000 if isinstance(total_ms, int | float) else None
-    return Run(seconds=seconds, peak_rss_kib=done.peak_rss_kib, run_seconds=run_seconds)
+    return Run(
+        seconds=seconds,
+        peak_rss_kib=done.peak_rss_kib,
+        run_seconds=run_seconds,
+        cpu=agents_cpu + done.cpu,
+    )
 
 
 def engine_available() -> str | None:
@@ -266,6 +293,16 @@ def compressed_size(state: Path) -> int:
         if zstd.wait() != 0:
             raise BenchError("zstd failed on the state file")
     return total
+
+
+def cpu_medians(side: str, runs: Sequence[Run]) -> str:
+    """Median CPU seconds of each of a side's processes, and of their sum."""
+    per_role = [
+        statistics.median(run.cpu[index] for run in runs) for index in range(len(ROLES[side]))
+    ]
+    total = statistics.median(sum(run.cpu) for run in runs)
+    parts = ", ".join(f"{role} {cpu:.2f}" for role, cpu in zip(ROLES[side], per_role, strict=True))
+    return f"{parts}; total {total:.2f} CPU-s"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -313,11 +350,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 hwm = vm_hwm_kib(setup.processes[0].pid), vm_hwm_kib(setup.processes[1].pid)
         peer_s = statistics.median(run.seconds for run in peer)
         print(f"median zstd -1 | socat: {peer_s:6.2f} s {rate(size, peer_s)}", file=out)
+        print(f"  CPU (median): {cpu_medians('peer', peer)}", file=out)
         if without_engine:
             print(f"vfmig not measured: {without_engine}", file=out)
             return 0
         ours_s = statistics.median(run.seconds for run in ours)
         print(f"median vfmig migrate:   {ours_s:6.2f} s {rate(size, ours_s)}", file=out)
+        print(f"  CPU (median): {cpu_medians('vfmig', ours)}", file=out)
         measured = [run.run_seconds for run in ours if run.run_seconds is not None]
         if measured:
             run_s = statistics.median(measured)

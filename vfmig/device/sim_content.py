@@ -7,9 +7,10 @@ function of ``(kind, seed, page index)`` for the pages the device was created wi
 ``(seed, page index, generation)`` for pages dirtied since, so any range can be produced
 again at any time, in any process, in bounded memory.
 
-Content is produced in *blocks* of 256 pages (1 MiB) by joining page-sized ``bytes``
-objects that are slices of process-wide pools, so the per-page cost is one slice or one
-short concatenation and never a per-byte Python loop:
+Content is produced in *blocks* of 256 pages (1 MiB), each one ``bytes`` made by a single
+join of views into process-wide pools and short stamps, so each byte is copied once and
+the per-page cost is a few view slices, never a per-byte Python loop; a read of a whole
+block returns that object itself:
 
 * a **random pool** of 8 MiB (SHAKE-256 of a fixed label, identical in every process):
   a random page is a 4 KiB window at a pseudo-random byte offset into it;
@@ -52,6 +53,7 @@ BLOCK_SIZE: Final = PAGE_SIZE * BLOCK_PAGES
 
 
 ZERO_PAGE: Final = bytes(PAGE_SIZE)
+ZERO_BLOCK: Final = bytes(BLOCK_SIZE)
 
 _RANDOM_POOL_SIZE: Final = 8 << 20
 _RING_POOL_PAGES: Final = 1024
@@ -80,9 +82,10 @@ class _Pools:
     """The process-wide pools, built on first use."""
 
     random: bytes
+    random_view: memoryview  # of random: its slices are views, copied once by the join
     rings: tuple[bytes, ...]
     ring_tails: tuple[bytes, ...]  # each ring page without its first _STAMP bytes
-    templates: tuple[bytes, ...]
+    templates: tuple[memoryview, ...]
 
     def __init__(self) -> None:
         self.random = hashlib.shake_256(b"vfmig sim random pool v1").digest(
@@ -92,9 +95,10 @@ class _Pools:
             _RING_POOL_PAGES * (PAGE_SIZE // _RECORD) * _NOISE
         )
         self.rings = tuple(_ring_page(entropy, page) for page in range(_RING_POOL_PAGES))
+        self.random_view = memoryview(self.random)
         self.ring_tails = tuple(ring[_STAMP:] for ring in self.rings)
         self.templates = tuple(
-            self.rings[index]
+            memoryview(self.rings[index])
             for index in range(0, _RING_POOL_PAGES, _RING_POOL_PAGES // _TEMPLATES)
         )
 
@@ -146,20 +150,20 @@ def mix64(value: int) -> int:
     return value ^ (value >> 31)
 
 
-def _block(kind: ContentKind, seed: int, block: int) -> list[bytes]:
-    """The 256 pages of ``block`` of a generated state (full pages; callers trim the end)."""
+def _block(kind: ContentKind, seed: int, block: int) -> bytes:
+    """The 256 pages of ``block`` of a generated state, joined (full pages; callers trim)."""
     if kind == "zero":
-        return [ZERO_PAGE] * BLOCK_PAGES
+        return ZERO_BLOCK
     pools = _get_pools()
     words = _BLOCK_WORDS.unpack(
         hashlib.shake_128(_STAMP_FORMAT.pack(seed, block)).digest(_BLOCK_WORDS.size)
     )
-    pool = pools.random
+    pool = pools.random_view
     if kind == "random":
-        return [pool[(w >> 9) : (w >> 9) + PAGE_SIZE] for w in words]
-    tails, templates = pools.ring_tails, pools.templates
-    pages: list[bytes] = []
-    append = pages.append
+        return b"".join([pool[(w >> 9) : (w >> 9) + PAGE_SIZE] for w in words])
+    tails, templates, stamp = pools.ring_tails, pools.templates, _STAMP_FORMAT.pack
+    pieces: list[bytes | memoryview] = []
+    append = pieces.append
     first = block * BLOCK_PAGES
     for index, word in enumerate(words):
         cls = word & 0xFF
@@ -168,14 +172,15 @@ def _block(kind: ContentKind, seed: int, block: int) -> list[bytes]:
         elif cls < _RANDOM_BELOW:
             append(pool[(word >> 9) : (word >> 9) + PAGE_SIZE])
         elif cls < _RING_BELOW:
-            append(_STAMP_FORMAT.pack(first + index, seed) + tails[word >> 22])
+            append(stamp(first + index, seed))
+            append(tails[word >> 22])
         else:
             template = templates[(word >> 8) & 7]
             at = ((word >> 11) & 0xFF) * _STAMP
-            append(
-                template[:at] + _STAMP_FORMAT.pack(first + index, seed) + template[at + _STAMP :]
-            )
-    return pages
+            append(template[:at])
+            append(stamp(first + index, seed))
+            append(template[at + _STAMP :])
+    return b"".join(pieces)
 
 
 def realistic_state(seed: int, offset: int, length: int) -> bytes:
@@ -189,18 +194,21 @@ def realistic_state(seed: int, offset: int, length: int) -> bytes:
     return data[skip : skip + length]
 
 
-def _generated_pages(blocks: Callable[[int], list[bytes]], first: int, count: int) -> bytes:
-    """Pages ``[first, first+count)`` joined, taken from ``blocks(block) -> its 256 pages``."""
-    pages: list[bytes] = []
-    page = first
-    end = first + count
-    while page < end:
-        block, index = divmod(page, BLOCK_PAGES)
-        take = min(BLOCK_PAGES - index, end - page)
-        block_pages = blocks(block)
-        pages.extend(block_pages[index : index + take] if take < BLOCK_PAGES else block_pages)
-        page += take
-    return b"".join(pages)
+def _generated_pages(blocks: Callable[[int], bytes], first: int, count: int) -> bytes:
+    """Pages ``[first, first+count)`` joined, taken from ``blocks(block) -> its 256 pages``;
+    a whole block is that block's object itself (no copy)."""
+    start, end = first * PAGE_SIZE, (first + count) * PAGE_SIZE
+    first_block, last_block = first // BLOCK_PAGES, (first + count - 1) // BLOCK_PAGES
+    if first_block == last_block:
+        data = blocks(first_block)
+        at = start - first_block * BLOCK_SIZE
+        return data if at == 0 and count == BLOCK_PAGES else data[at : at + end - start]
+    pieces: list[memoryview] = []
+    for block in range(first_block, last_block + 1):
+        base = block * BLOCK_SIZE
+        view = memoryview(blocks(block))
+        pieces.append(view[max(start, base) - base : min(end, base + BLOCK_SIZE) - base])
+    return b"".join(pieces)
 
 
 class _BlockCache:
@@ -210,13 +218,13 @@ class _BlockCache:
         self.kind = kind
         self.seed = seed
         self._block = -1
-        self._pages: list[bytes] = []
+        self._data = b""
 
-    def get(self, block: int) -> list[bytes]:
+    def get(self, block: int) -> bytes:
         if block != self._block:
-            self._pages = _block(self.kind, self.seed, block)
+            self._data = _block(self.kind, self.seed, block)
             self._block = block
-        return self._pages
+        return self._data
 
 
 def dirty_page(kind: ContentKind, seed: int, page: int, generation: int) -> bytes:
