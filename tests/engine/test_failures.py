@@ -218,7 +218,8 @@ def test_devices_of_different_sizes_fail_cleanly(sims, cli) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_rolls_back_and_exits_130(sims, sig, tmp_path) -> None:
-    src = sims.spec("a", size=64 << 20, image=False, read_delay="20ms")
+    # 2 MiB reads 40 ms apart: precopy of 64 MiB takes 1.3 s
+    src = sims.spec("a", size=64 << 20, image=False, read_delay="40ms")
     dst = sims.spec("b", size=64 << 20, image=False, dump=True)
     command = [sys.executable, "-m", "vfmig", "migrate", src, dst]
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")

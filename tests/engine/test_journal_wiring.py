@@ -340,9 +340,9 @@ def test_an_agent_killed_in_stop_copy_leaves_a_readable_journal(
     b = agent_process(key_file, dirs["B"], "--journal-dir", str(dirs["JB"]))
     a_sims = type(remote_sims)(dirs["A"], relative=True)
     b_sims = type(remote_sims)(dirs["B"], relative=True)
-    # 1 MiB reads 0.4 s apart: stop-copy of 8 MiB takes over 3 s
-    src = a_sims.spec("a", size=8 * MIB, read_delay="0.4s", at=a.address)
-    dst = b_sims.spec("b", size=8 * MIB, image=False, at=b.address)
+    # 2 MiB reads 0.4 s apart: stop-copy of 16 MiB takes over 3 s
+    src = a_sims.spec("a", size=16 * MIB, read_delay="0.4s", at=a.address)
+    dst = b_sims.spec("b", size=16 * MIB, image=False, at=b.address)
     path = tmp_path / "run.vfj"
     command = [sys.executable, "-m", "vfmig", "migrate", "--no-precopy", "--journal", str(path)]
     command += ["--key-file", str(key_file), src, dst]
@@ -397,8 +397,9 @@ async def test_a_data_link_cut_mid_stream_is_link_lost(
     dst_sims = type(remote_sims)(tmp_path / "B", relative=True)
     a = await cluster.agent(src_sims)
     b = await cluster.agent(dst_sims)
-    src = src_sims.spec("a", size=8 * MIB, read_delay="0.2s", at=a.address)
-    dst = dst_sims.spec("b", size=8 * MIB, image=False, at=b.address)
+    # 2 MiB reads 0.2 s apart: stop-copy of 16 MiB takes 1.6 s
+    src = src_sims.spec("a", size=16 * MIB, read_delay="0.2s", at=a.address)
+    dst = dst_sims.spec("b", size=16 * MIB, image=False, at=b.address)
 
     async def cut_later() -> None:
         await trio.sleep(0.5)  # a few chunks into stop-copy

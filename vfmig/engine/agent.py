@@ -119,8 +119,11 @@ if TYPE_CHECKING:
     from vfmig.journal.runs import AgentJournal
     from vfmig.protocol import Event, Value
 
-#: Largest chunk read from a data fd (QEMU's size; buffers above it gained nothing for mlx5).
-CHUNK_SIZE: Final = 1 << 20
+#: Largest chunk read from a data fd. QEMU reads 1 MiB; 2 MiB cut the agents' CPU per byte
+#: by ~15% (fewer chunks, notices and frames per byte); 4 MiB gained no more and added
+#: ~45 MiB of peak RSS to a local migration. The journal splits the data it taps into
+#: 1 MiB records.
+CHUNK_SIZE: Final = 2 << 20
 #: Chunks the destination lets be in flight per stream (its credit window).
 WINDOW_CHUNKS: Final = 4
 #: Chunks a sender reads and encodes ahead of the one it is sending.
