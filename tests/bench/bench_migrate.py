@@ -67,7 +67,9 @@ class BenchError(Exception):
 @dataclass(frozen=True, slots=True)
 class Run:
     seconds: float
-    peak_rss_kib: int  #: ru_maxrss of the measured process (the last one of a pipeline)
+    #: ru_maxrss of the measured process (the last one of a pipeline); Linux keeps the
+    #: spawning process's RSS in it across exec, so it is at least this benchmark's own.
+    peak_rss_kib: int
     run_seconds: float | None = None  #: the run's own time, as ``vfmig migrate --json`` says
     #: CPU seconds (user + system) of each process of the side, in :data:`ROLES` order.
     cpu: tuple[float, ...] = ()
@@ -373,7 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         migrate_rss = max(run.peak_rss_kib for run in ours)
         print(
             f"peak RSS: source agent {hwm[0] / 1024:.0f} MiB, destination agent "
-            f"{hwm[1] / 1024:.0f} MiB, vfmig migrate {migrate_rss / 1024:.0f} MiB",
+            f"{hwm[1] / 1024:.0f} MiB, vfmig migrate {migrate_rss / 1024:.0f} MiB (ru_maxrss: "
+            f"at least this benchmark's own {vm_hwm_kib(os.getpid()) / 1024:.0f} MiB)",
             file=out,
         )
     return 0
