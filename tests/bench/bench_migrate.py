@@ -12,7 +12,8 @@ Both sides move the same bytes over loopback on the same machine in the same run
   ``socat -u -b 1048576 TCP-LISTEN:PORT,reuseaddr - | zstd -d > file``.
 
 Rounds alternate which side goes first. Each round's result is checked (the dumped or
-received file must equal the source state) outside the timed region. Printed: every
+received file must equal the source state) outside the timed region, and dirty pages are
+written back (``sync``) before each side's turn. Printed: every
 round, both medians, their ratio, the median CPU seconds (user + system) of each process
 of either side (the agents' from /proc between the round's start and end), and the peak
 RSS (VmHWM) of each agent and of the migrate command. Times are wall-clock of the whole
@@ -339,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 order = ("vfmig", "peer") if number % 2 == 0 else ("peer", "vfmig")
                 figures = []
                 for side in order:
+                    # Neither side pays for writing back the other's (or the state's) file.
+                    os.sync()
                     if side == "peer":
                         peer.append(peer_round(state, work / "received.bin", work))
                         figures.append(f"zstd|socat {peer[-1].seconds:6.2f} s")
