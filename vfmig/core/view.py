@@ -24,8 +24,9 @@ one folds from the start.
 
 :func:`timeline` says, for one record and the model before it, what a person reading the
 run needs to see (phases with the previous phase's throughput, state changes, debugfs
-disagreeing with the ioctl state, failed ioctls, decisions, errors, the end); chunk and
-sample records say nothing there, they only move the counters.
+disagreeing with the ioctl state, failed ioctls, decisions, errors, a lost agent with its
+devices and side of the commit point, the end); chunk and sample records say nothing
+there, they only move the counters.
 
 Pure: stdlib only.
 """
@@ -50,6 +51,7 @@ from vfmig.core.events import (
     ErrorRaised,
     Event,
     IoctlCompleted,
+    PeerLost,
     PhaseChanged,
     PrecopySampled,
     RunFinished,
@@ -432,6 +434,10 @@ def timeline(model: RunView, record: Observed) -> list[str]:
             return [f"{event.device} HUNG in {event.step}{target}, last seen {_state(event.state)}"]
         case CommitPointPassed():
             return [f"commit point passed ({', '.join(map(str, event.devices))})"]
+        case PeerLost():
+            when = "after" if event.committed else "before"
+            devices = ", ".join(map(str, event.devices)) or "no device"
+            return [f"LOST agent {event.host} ({devices}) {when} the commit point"]
         case RunFinished():
             return [f"finished: {event.summary} (exit {event.exit_status})"]
     return []
