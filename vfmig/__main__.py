@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import sys
+from vfmig.cli.main import cli
 
-from vfmig.cli.main import main
-
-sys.exit(main())
+cli()

@@ -31,7 +31,9 @@ from vfmig.device.sim_content import (
     realistic_state,
 )
 from vfmig.device.sim_stream import (
+    END_NO_CRC,
     END_PAYLOAD,
+    END_SIZE,
     HEADER_SIZE,
     RECORD,
     SavingStream,
@@ -497,6 +499,55 @@ def test_corrupt_stream_is_refused_by_the_destination(sim: Callable[..., SimDevi
     resuming = destination.set_state(S.RESUMING)
     assert resuming is not None
     write_all(resuming, corrupted)
+    with pytest.raises(StateChangeError) as info:
+        destination.set_state(S.STOP)
+    assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("source_check", ["crc32", "none"])
+@pytest.mark.parametrize("destination_check", ["crc32", "none"])
+def test_checksum_none_skips_the_crc_on_either_side(
+    sim: Callable[..., SimDevice], source_check: str, destination_check: str
+) -> None:
+    source = sim(f"sim:s,size=64KiB,checksum={source_check}")
+    destination = sim(f"sim:d,size=64KiB,checksum={destination_check}")
+    stream = drain(_saving(source))
+    end = stream[-END_PAYLOAD.size :]
+    assert END_PAYLOAD.unpack(end)[2:] == (
+        (0, END_NO_CRC) if source_check == "none" else (zlib.crc32(stream[:-END_SIZE]), 0)
+    )
+    resuming = destination.set_state(S.RESUMING)
+    assert resuming is not None
+    write_all(resuming, stream)
+    destination.set_state(S.STOP)
+    assert destination.content_digest() == source.content_digest()
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_a_corrupt_page_passes_only_unchecked(sim: Callable[..., SimDevice], checked: bool) -> None:
+    check = "crc32" if checked else "none"
+    source = sim(f"sim:c,size=64KiB,corrupt=5000,checksum={check}")
+    destination = sim("sim:d,size=64KiB")
+    resuming = destination.set_state(S.RESUMING)
+    assert resuming is not None
+    write_all(resuming, drain(_saving(source)))
+    if checked:
+        with pytest.raises(StateChangeError) as info:
+            destination.set_state(S.STOP)
+        assert info.value.errno == errno.EINVAL
+    else:  # structure only: the flipped state byte goes through (the protocol's digest
+        # is what catches damage on the wire)
+        destination.set_state(S.STOP)
+        assert destination.content_digest() != source.content_digest()
+
+
+def test_unknown_end_flags_are_malformed(sim: Callable[..., SimDevice]) -> None:
+    stream = bytearray(drain(_saving(sim("sim:s,size=64KiB"))))
+    stream[-4:] = (2).to_bytes(4, "little")
+    destination = sim("sim:d,size=64KiB")
+    resuming = destination.set_state(S.RESUMING)
+    assert resuming is not None
+    write_all(resuming, bytes(stream))
     with pytest.raises(StateChangeError) as info:
         destination.set_state(S.STOP)
     assert info.value.errno == errno.EINVAL

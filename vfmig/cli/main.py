@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
 import os
 import sys
@@ -104,5 +105,17 @@ def main(argv: Sequence[str] | None = None, env: Environment | None = None) -> i
     return status
 
 
+def cli() -> None:
+    """The ``vfmig`` command: :func:`main`, then exit without a last garbage collection.
+
+    The interpreter's shutdown collects every object of every loaded module (~40 ms of a
+    ``vfmig migrate``, an eighth of its fixed cost); frozen, they are only released. Not
+    in :func:`main`, which tests call in-process.
+    """
+    status = main()
+    gc.freeze()
+    sys.exit(status)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    cli()

@@ -298,15 +298,12 @@ async def _migrate(
 
     import trio
 
-    from vfmig.cli.progress import ProgressDisplay
     from vfmig.core.events import summarize
     from vfmig.core.model import destination, source
     from vfmig.core.phases import MachineConfig, PhaseTimeouts, PrecopyMode
     from vfmig.core.policy import ConvergenceConfig
-    from vfmig.engine.agent import AgentConfig
     from vfmig.engine.bus import EventBus, Lossless, Ring
     from vfmig.engine.link import connect
-    from vfmig.engine.local import LocalAgent
     from vfmig.engine.orchestrator import Endpoint, Orchestrator, OrchestratorConfig
     from vfmig.journal.recorder import Written, record
     from vfmig.journal.runs import DataCapture
@@ -368,6 +365,10 @@ async def _migrate(
         async with trio.open_nursery() as nursery:
             await nursery.start(recorder)
             if any(not spec.remote for pair in pairs for spec in pair):
+                # Device backends are loaded only when this process serves devices.
+                from vfmig.engine.agent import AgentConfig
+                from vfmig.engine.local import LocalAgent
+
                 capture = DataCapture(writer) if args.journal_data else None
                 local = LocalAgent(
                     AgentConfig(
@@ -384,6 +385,8 @@ async def _migrate(
             if args.json:
                 done.set()
             else:
+                from vfmig.cli.progress import ProgressDisplay  # rich: not for --json
+
                 make = partial(ProgressDisplay, env, live=env.stdout_isatty, names=names)
                 nursery.start_soon(_show, make, bus.subscribe(Ring(4096)), shown, done)
             try:

@@ -34,7 +34,7 @@ import itertools
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, TypeVar
 
 from vfmig.core import fsm
 from vfmig.core.errors import SpecError
@@ -266,6 +266,8 @@ def _parse_address(text: str) -> tuple[str, int]:
 
 ContentKind = Literal["realistic", "random", "zero"]
 CONTENT_KINDS: Final[tuple[ContentKind, ...]] = ("realistic", "random", "zero")
+Checksum = Literal["crc32", "none"]
+CHECKSUMS: Final[tuple[Checksum, ...]] = ("crc32", "none")
 
 #: Spellings of the migration flags in ``flags=``, in uAPI bit order.
 FLAG_NAMES: Final = {
@@ -306,6 +308,7 @@ class SimOptions:
     dirty_rate: int = 0
     seed: int | None = None
     content: ContentKind = "realistic"
+    checksum: Checksum = "crc32"
     read_delay: float = 0.0
     fail: tuple[ArcFailure, ...] = ()
     error: frozenset[tuple[DeviceState, DeviceState]] = frozenset()
@@ -444,11 +447,17 @@ def _seed(text: str) -> int:
     return seed
 
 
-def _content(text: str) -> ContentKind:
-    for kind in CONTENT_KINDS:
-        if text == kind:
-            return kind
-    raise ValueError(f"{text!r} is not a content kind (expected {', '.join(CONTENT_KINDS)})")
+_Choice = TypeVar("_Choice", bound=str)
+
+
+def _one_of(choices: tuple[_Choice, ...], what: str) -> Callable[[str], _Choice]:
+    def parse(text: str) -> _Choice:
+        for choice in choices:
+            if text == choice:
+                return choice
+        raise ValueError(f"{text!r} is not {what} (expected {', '.join(choices)})")
+
+    return parse
 
 
 def parse_state(text: str) -> DeviceState:
@@ -515,7 +524,8 @@ _SIM_PARSERS: Final[dict[str, Callable[[str], object]]] = {
     "state-dir": _path,
     "dirty-rate": parse_rate,
     "seed": _seed,
-    "content": _content,
+    "content": _one_of(CONTENT_KINDS, "a content kind"),
+    "checksum": _one_of(CHECKSUMS, "a stream checksum"),
     "read-delay": parse_duration,
     "fail": _failure_list,
     "error": _arc_set,

@@ -594,7 +594,8 @@ class SimDevice(MigrationDevice):
         opened: SimSession | None = None
         if effect is ArcEffect.OPENS_SAVING:
             self._end_session()
-            stream = SavingStream(self.size, self.name, self.read_pages)
+            checksum = self.options.checksum == "crc32"
+            stream = SavingStream(self.size, self.name, self.read_pages, checksum=checksum)
             opened = SimSession(self, Direction.SAVING, stream=stream)
         elif effect is ArcEffect.OPENS_RESUMING:
             self._end_session()
@@ -634,7 +635,7 @@ class SimDevice(MigrationDevice):
                 data = data[written:]
                 offset += written
 
-        loader = StreamLoader(self.size, sink)
+        loader = StreamLoader(self.size, sink, checksum=self.options.checksum == "crc32")
         return SimSession(self, Direction.RESUMING, loader=loader, staging_fd=fd)
 
     def _load_resumed(self) -> None:

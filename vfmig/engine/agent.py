@@ -42,6 +42,7 @@ lifetime.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno as _errno
 import math
 import os
@@ -54,6 +55,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
+import zstandard
 
 from vfmig.core.errors import DataError, DeviceError, DeviceHung, RequestRefused, VfmigError
 from vfmig.core.events import (
@@ -81,13 +83,19 @@ from vfmig.core.phases import AgentKnowledge, DeviceKnowledge, PeerAnswer, agent
 from vfmig.core.spec import parse_spec
 from vfmig.device.open import open_device
 from vfmig.engine import wire
-from vfmig.engine.link import Link, LinkClosed, PeerError, connect, with_link
+from vfmig.engine.link import (
+    INPROC,
+    Link,
+    LinkClosed,
+    PeerError,
+    connect,
+    protocol_config,
+    with_link,
+)
 from vfmig.engine.wire import Code, Fact, FactKind, Progress, Verdict
-from vfmig.engine.worker import DeviceWorker, ReadResult, thread_executor
+from vfmig.engine.worker import ENCODERS, DeviceWorker, ReadResult, thread_executor
 from vfmig.protocol import (
-    DEFAULT_COMPRESSION_LEVEL,
     AbortStream,
-    Config,
     Connection,
     Credit,
     DataChunk,
@@ -109,8 +117,6 @@ from vfmig.protocol import StreamEnded as LinkStreamEnded
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from pathlib import Path
-
-    import zstandard
 
     from vfmig.core.events import Event as RunEvent
     from vfmig.core.spec import DeviceSpec
@@ -171,14 +177,6 @@ class AgentConfig:
     log: Callable[[str], None] = lambda line: None
     #: This agent's own journals of the runs it serves (``vfmig agent --journal-dir``).
     journal: AgentJournal | None = None
-
-
-def protocol_config(key: bytes | None, *, level: int | None = DEFAULT_COMPRESSION_LEVEL) -> Config:
-    """The link configuration: ``level`` is the zstd level of chunks this side sends, None
-    to send them uncompressed (a side that only receives accepts zstd either way)."""
-    if level is None:
-        return Config(key=key, compression=False)
-    return Config(key=key, compression_level=level)
 
 
 # --- state ------------------------------------------------------------------------------------
@@ -899,9 +897,6 @@ class Agent:
             await self._release(slot)
 
 
-INPROC: Final = "in-process"
-
-
 class _AgentError(VfmigError):
     def __init__(
         self,
@@ -1008,10 +1003,12 @@ _DEVICE_METHODS: Final[dict[str, Callable[[Agent, Slot, dict[str, Value]], Await
 # --- streams ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _ReadAhead:
     started: float  #: when the read began (trio time)
-    result: ReadResult
+    result: ReadResult  #: RAW until encoded
+    encoded: trio.Event = field(default_factory=trio.Event)
+    error: Exception | None = None  #: the encoding failed
 
 
 class Sender:
@@ -1146,16 +1143,18 @@ class Sender:
             size = max(1, min(size, estimate)) if estimate > 0 else size
         except DeviceError:
             pass
-        compress = session.compression and self.level is not None
-        compressor = make_compressor(self.level) if compress and self.level is not None else None
-        # The device's thread reads and compresses the next chunks while this task sends:
-        # READ_AHEAD results queue, one is being sent, one is being read; a raw payload is a
-        # view of its buffer, so each of them has a buffer of its own.
+        compressors: list[zstandard.ZstdCompressor] = []
+        if session.compression and self.level is not None:
+            compressors = [make_compressor(self.level) for _ in range(ENCODERS)]
+        # The device's thread reads the next chunks while others compress them (ENCODERS
+        # at once) and this task sends: READ_AHEAD results queue, one is being sent, one is
+        # being read; a payload is a view of its buffer until it is sent (or compressed), so
+        # each of them has a buffer of its own.
         buffers = [bytearray(size) for _ in range(READ_AHEAD + 2)]
         results, receive = trio.open_memory_channel[_ReadAhead | Exception | None](READ_AHEAD)
         error: Exception | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._read_ahead, conn, buffers, size, compressor, results)
+            nursery.start_soon(self._read_ahead, conn, buffers, size, compressors, results)
             try:
                 await self._send_all(link, receive)
             except Exception as exc:  # re-raised below, outside the nursery
@@ -1169,15 +1168,32 @@ class Sender:
         conn: Connection,
         buffers: list[bytearray],
         size: int,
-        compressor: zstandard.ZstdCompressor | None,
+        compressors: list[zstandard.ZstdCompressor],
         results: trio.MemorySendChannel[_ReadAhead | Exception | None],
     ) -> None:
-        """Read and encode chunks within the credit the sent ones leave; None says a read
-        found nothing now; the end of stream or the first error is the last item."""
+        """Read chunks within the credit the sent ones leave and have them encoded, in
+        order; None says a read found nothing now; the end of stream or the first error
+        is the last item."""
         worker = self.slot.worker
         poll = MIN_POLL
         turn = 0
-        async with results:
+        idle, taken = trio.open_memory_channel[zstandard.ZstdCompressor](len(compressors))
+        for compressor in compressors:
+            idle.send_nowait(compressor)
+
+        async def encode(item: _ReadAhead) -> None:
+            compressor = await taken.receive()
+            try:
+                raw = memoryview(item.result.payload)
+                encoding, payload = await worker.encode(compressor, raw)
+                item.result = dataclasses.replace(item.result, encoding=encoding, payload=payload)
+            except Exception as exc:  # the sending task raises it, in order
+                item.error = exc
+            finally:
+                idle.send_nowait(compressor)
+                item.encoded.set()
+
+        async with results, trio.open_nursery() as encoders:
             try:
                 while True:
                     window = conn.send_window(self.stream) - self._unsent
@@ -1187,9 +1203,7 @@ class Sender:
                         continue
                     started = trio.current_time()
                     buffer = buffers[turn % len(buffers)]
-                    result = await worker.read_chunk(
-                        buffer, min(size, window), compressor, self._advance
-                    )
+                    result = await worker.read_chunk(buffer, min(size, window), self._advance)
                     if result is None:
                         await results.send(None)  # the sender may owe a switchover mark
                         await trio.sleep(poll)
@@ -1198,7 +1212,12 @@ class Sender:
                     poll = MIN_POLL
                     turn += 1
                     self._unsent += result.raw
-                    await results.send(_ReadAhead(started, result))
+                    item = _ReadAhead(started, result)
+                    if result.raw and compressors:
+                        encoders.start_soon(encode, item)
+                    else:
+                        item.encoded.set()
+                    await results.send(item)
                     if result.raw == 0:
                         return
             except Exception as exc:  # the sending task raises it, in order
@@ -1219,6 +1238,9 @@ class Sender:
                 continue
             if isinstance(item, Exception):
                 raise item
+            await item.encoded.wait()
+            if item.error is not None:
+                raise item.error
             result = item.result
             if result.raw == 0:
                 await self._switched.wait()

@@ -39,6 +39,8 @@ import trio
 
 from vfmig.core.errors import ExitStatus, VfmigError
 from vfmig.protocol import (
+    DEFAULT_COMPRESSION_LEVEL,
+    Config,
     ConnectionClosed,
     ConnectionState,
     ErrorResponse,
@@ -67,7 +69,18 @@ CLOSE_TIMEOUT: Final = 2.0
 #: The keepalive task ticks at least this often (the protocol needs keepalive_interval / 2).
 MAX_TICK: Final = 0.5
 
+#: The address of an agent in the ``vfmig migrate`` process itself (no socket).
+INPROC: Final = "in-process"
+
 _OPEN: Final = (ConnectionState.AUTHENTICATED, ConnectionState.ESTABLISHED)
+
+
+def protocol_config(key: bytes | None, *, level: int | None = DEFAULT_COMPRESSION_LEVEL) -> Config:
+    """The link configuration: ``level`` is the zstd level of chunks this side sends, None
+    to send them uncompressed (a side that only receives accepts zstd either way)."""
+    if level is None:
+        return Config(key=key, compression=False)
+    return Config(key=key, compression_level=level)
 
 
 class PeerError(VfmigError):

@@ -94,8 +94,15 @@ from vfmig.core.model import (
 from vfmig.core.model import DeviceSpec as MachineSpec
 from vfmig.core.phases import MachineConfig, MigrationMachine
 from vfmig.engine import wire
-from vfmig.engine.agent import INPROC, protocol_config
-from vfmig.engine.link import Link, PeerError, RpcError, join_address, split_address
+from vfmig.engine.link import (
+    INPROC,
+    Link,
+    PeerError,
+    RpcError,
+    join_address,
+    protocol_config,
+    split_address,
+)
 from vfmig.engine.wire import Code, FactKind
 from vfmig.protocol import DEFAULT_COMPRESSION_LEVEL, Connection, Notification
 from vfmig.protocol import Role as LinkRole

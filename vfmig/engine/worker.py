@@ -27,6 +27,7 @@ real thread works).
 from __future__ import annotations
 
 import errno as _errno
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
@@ -50,6 +51,9 @@ T = TypeVar("T")
 
 #: A debugfs read that takes longer than this is abandoned (it changes nothing).
 DEBUGFS_TIMEOUT: Final = 1.0
+#: Chunks of one stream compressed at once, each in a thread of its own (not the device's):
+#: zstandard releases the GIL, so the next chunk is read while two are compressed.
+ENCODERS: Final = max(1, min(2, os.cpu_count() or 1))
 
 
 class Executor(Protocol):
@@ -113,6 +117,7 @@ class DeviceWorker:
         self._executor = executor
         self._limiter = trio.CapacityLimiter(1)
         self._debugfs_limiter = trio.CapacityLimiter(1)
+        self._encode_limiter = trio.CapacityLimiter(ENCODERS)
         self._running: str | None = None  #: the step in the device's thread right now
         self.hung: DeviceHung | None = None
 
@@ -195,17 +200,15 @@ class DeviceWorker:
         return await self.run(call, step="VFIO_MIG_GET_PRECOPY_INFO")
 
     async def read_chunk(
-        self,
-        buffer: bytearray,
-        size: int,
-        compressor: zstandard.ZstdCompressor | None,
-        position: Callable[[int], int],
+        self, buffer: bytearray, size: int, position: Callable[[int], int]
     ) -> ReadResult | None:
-        """Read up to ``size`` bytes of the saving session and encode them, in the thread.
+        """Read up to ``size`` bytes of the saving session into ``buffer``, in the thread.
 
-        Returns None for "nothing now", a ``raw == 0`` result at end of stream. ``position``
-        is called in the thread with the bytes read and returns the stream offset before
-        them, so a precopy query serialized after this step sees the new position.
+        Returns None for "nothing now", a ``raw == 0`` result at end of stream, else a RAW
+        result whose payload is a view of ``buffer`` (:meth:`encode` compresses it).
+        ``position`` is called in the thread with the bytes read and returns the stream
+        offset before them, so a precopy query serialized after this step sees the new
+        position.
         """
 
         def call() -> ReadResult | None:
@@ -217,10 +220,21 @@ class DeviceWorker:
             offset = position(count)
             if count == 0:
                 return ReadResult(offset, 0)
-            encoding, payload = encode_chunk_payload(compressor, view[:count])
+            encoding, payload = encode_chunk_payload(None, view[:count])
             return ReadResult(offset, count, encoding, payload)
 
         return await self.run(call, step="data read")
+
+    async def encode(
+        self, compressor: zstandard.ZstdCompressor, raw: memoryview
+    ) -> tuple[Encoding, bytes | bytearray | memoryview]:
+        """``raw`` encoded with ``compressor`` (used by this call alone), in a thread of up
+        to :data:`ENCODERS` that are not the device's: the device is not touched."""
+        return await self._executor(
+            lambda: encode_chunk_payload(compressor, raw),
+            limiter=self._encode_limiter,
+            abandon=False,
+        )
 
     async def write_chunk(
         self,
