@@ -154,10 +154,32 @@ def test_journal_data_is_refused_at_open_by_an_agent_without_journal(
     assert "Traceback" not in result.stderr
     assert h.b_sims.state("b") is None  # never opened
     assert h.a_sims.state("a") in (None, DeviceState.RUNNING)
-    # its journal cannot be fetched either: the run's journal keeps what was received
-    assert f"agent {h.b.address} is not merged" in result.stderr
-    assert "keeps no journal" in result.stderr
+    assert "warning" not in result.stderr  # B did nothing of the run: nothing is missing
     assert cli("journal", "verify", str(path)).status == 0
+
+
+def test_an_agent_without_journal_keeps_the_orchestrators_copies(
+    hosts: Any, cli: Any, tmp_path: Path
+) -> None:
+    h = hosts("--no-journal")
+    src = h.a_sims.spec("a", size=MIB, at=h.a.address)
+    dst = h.b_sims.spec("b", size=MIB, image=False, at=h.b.address)
+    path = tmp_path / "run.vfj"
+    result = cli("migrate", "--journal", str(path), *h.key, src, dst)
+    assert result.status == 0, result.stdout + result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1, result.stderr
+    assert f"the journal of agent {h.b.address} is not merged" in warnings[0]
+    assert "--no-journal" in warnings[0]
+    with JournalReader(path) as reader:
+        header = reader.header
+    missing = [m for m in header.merged_from if m.get("error")]
+    assert [m["address"] for m in missing] == [h.b.address]
+    origins = {r.origin for r in records(path)}
+    assert origins == {ORCHESTRATOR, h.a.address, h.b.address}
+    a_events = [r.event for r in records(path) if r.origin == h.a.address]
+    assert a_events == [r.event for r in records(h.own("JA"))]
+    assert diagnose(cli, path)["cause"] == "completed"
 
 
 def test_a_failed_remote_run_is_diagnosed_from_the_merged_journal(

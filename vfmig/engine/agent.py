@@ -1029,7 +1029,7 @@ def _read_journal(path: Path, offset: int) -> wire.JournalPart:
                 offset += len(piece)
     except OSError as exc:
         raise _AgentError(Code.FAILED, f"cannot read {path.name}: {exc.strerror}") from None
-    return wire.JournalPart(pieces=pieces, size=size, done=offset >= size)
+    return wire.JournalPart(pieces=pieces, size=size, done=offset >= size, name=path.name)
 
 
 async def _open_in_thread(

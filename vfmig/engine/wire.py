@@ -262,23 +262,30 @@ JOURNAL_PIECES = 15
 @dataclass(frozen=True, slots=True)
 class JournalPart:
     """Bytes of an agent's journal of a run from the requested offset; ``size`` is the
-    whole (closed) file's, ``done`` says these bytes reach its end."""
+    whole (closed) file's, ``done`` says these bytes reach its end, ``name`` is the file's
+    name on the agent's host."""
 
     pieces: list[bytes]
     size: int
     done: bool
+    name: str
 
 
 def journal_result(part: JournalPart) -> dict[str, Value]:
     pieces: list[Value] = list(part.pieces)
-    return {"data": pieces, "size": part.size, "done": part.done}
+    return {"data": pieces, "size": part.size, "done": part.done, "name": part.name}
 
 
 def parse_journal_part(value: Value) -> JournalPart:
     pieces = _get(value, "data", list)
     if not all(isinstance(p, bytes) for p in pieces):
         raise WireError("a journal piece is not bytes")
-    return JournalPart(pieces=pieces, size=_get(value, "size", int), done=_get(value, "done", bool))
+    return JournalPart(
+        pieces=pieces,
+        size=_get(value, "size", int),
+        done=_get(value, "done", bool),
+        name=_get(value, "name", str),
+    )
 
 
 def parse_verdict(value: Value, run: str) -> Verdict:

@@ -81,7 +81,7 @@ class Collector:
 
     async def _fetch_one(self, address: str, link: Link, path: Path) -> None:
         try:
-            await fetch(link, self.run_id, path)
+            name = await fetch(link, self.run_id, path)
         except (PeerError, RpcError, JournalError) as exc:
             reason = exc.reason if isinstance(exc, RpcError) else exc.message
             self.sides[address] = AgentSide(address, None, reason)
@@ -92,19 +92,13 @@ class Collector:
             reason = f"it did not answer within {FETCH_TIMEOUT:g} s"
             self.sides[address] = AgentSide(address, None, reason)
         else:
-            self.sides[address] = AgentSide(address, path)
+            self.sides[address] = AgentSide(address, path, name=name)
 
     def merge(self) -> MergeReport | None:
         """Rewrite the (closed) run's journal as one timeline with the fetched journals
-        (blocking: call it in a thread); warn once per agent left out. None if the merge
-        failed: the run's journal is then left as it was."""
+        (blocking: call it in a thread); warn once per agent left out whose events the
+        journal holds. None if the merge failed: the run's journal is then left as it was."""
         sides = [self.sides.get(a, AgentSide(a, None, "not fetched")) for a in self.remote]
-        for side in sides:
-            if side.path is None:
-                self._warn(
-                    f"the journal of agent {side.address} is not merged ({side.error}): "
-                    "its events are as this host received them"
-                )
         merging = self.journal.with_name(f".{self.journal.name}.merging")
         try:
             with contextlib.suppress(FileNotFoundError):
@@ -115,19 +109,28 @@ class Collector:
         except (JournalError, OSError) as exc:
             why = exc.message if isinstance(exc, JournalError) else str(exc)
             self._warn(f"the agents' journals are not merged into {self.journal}: {why}")
+            report = None
             with contextlib.suppress(FileNotFoundError):
                 merging.unlink()
-            return None
         finally:
             for n in range(len(self.remote)):  # fetched or cut short
                 with contextlib.suppress(FileNotFoundError):
                     self._part(n).unlink()
+        for side in sides:
+            copies = report.copies.get(side.address, 0) if report is not None else None
+            if side.path is None and copies != 0:
+                held = "its events" if copies is None else f"its {copies} records"
+                self._warn(
+                    f"the journal of agent {side.address} is not merged ({side.error}): "
+                    f"{held} are as this host received them"
+                )
         return report
 
 
-async def fetch(link: Link, run_id: str, path: Path) -> int:
+async def fetch(link: Link, run_id: str, path: Path) -> str:
     """Copy the agent's journal of ``run_id`` into the new file ``path`` (mode 0600);
-    returns its size. Each answer must come within FETCH_TIMEOUT (trio.TooSlowError)."""
+    returns its name on the agent's host. Each answer must come within FETCH_TIMEOUT
+    (trio.TooSlowError)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as out:
         offset = 0
@@ -141,7 +144,7 @@ async def fetch(link: Link, run_id: str, path: Path) -> int:
             await trio.to_thread.run_sync(_write, out, part.pieces)
             offset += sum(len(p) for p in part.pieces)
             if part.done:
-                return offset
+                return part.name
             if not part.pieces:
                 raise JournalError(f"the agent's journal stopped at byte {offset} of {part.size}")
 

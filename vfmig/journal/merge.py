@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import collections
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from vfmig import __version__
@@ -58,7 +58,7 @@ from vfmig.journal.reader import Damage, JournalReader
 from vfmig.journal.writer import JournalWriter
 
 if TYPE_CHECKING:
-    from collections.abc import Hashable, Iterator, Sequence
+    from collections.abc import Hashable, Iterator, Mapping, Sequence
     from pathlib import Path
 
     from vfmig.core.events import Event
@@ -86,6 +86,8 @@ class MergeReport:
     output: Path
     inputs: tuple[InputReport, ...]
     records: int
+    #: :func:`merge_run`: records of each agent left out, as the orchestrator received them
+    copies: Mapping[str, int] = field(default_factory=dict)
 
 
 def _wall_offset(ref: JournalHeader, other: JournalHeader) -> int:
@@ -247,6 +249,7 @@ class AgentSide:
     address: str
     path: Path | None
     error: str | None = None
+    name: str | None = None  #: the journal's file name on the agent's host
 
 
 class _Constraints:
@@ -412,7 +415,7 @@ def merge_run(
         ref = readers[0].header
         sources: list[dict[str, Any]] = [
             {
-                "file": r.path.name,
+                "file": (fetched[i - 1].name if i else None) or r.path.name,
                 "host": r.header.host,
                 "role": r.header.role,
                 "run_id": r.header.run_id,
@@ -455,6 +458,7 @@ def merge_run(
         )
         replaced = {a.address for a in fetched}
         origins = [None, *(a.address for a in fetched)]
+        copies = {a.address: 0 for a in agents if a.path is None}
 
         def shifted(i: int) -> Iterator[tuple[int, int, int, EventRecord | DataRecord]]:
             off = offsets[i][0]
@@ -469,6 +473,8 @@ def merge_run(
         with JournalWriter.create(output, header, **writer_options) as writer:
             for at, i, _, entry in heapq.merge(*(shifted(i) for i in range(len(readers)))):
                 origin = origins[i] or entry.origin
+                if origin in copies:
+                    copies[origin] += 1
                 if isinstance(entry, EventRecord):
                     writer.append(entry.event, at_ns=at, wall_ns=entry.wall_ns, origin=origin)
                 else:
@@ -490,7 +496,7 @@ def merge_run(
             )
             for r, (off, method, pairs, _) in zip(readers, offsets, strict=True)
         )
-        return MergeReport(output=output, inputs=inputs, records=written)
+        return MergeReport(output=output, inputs=inputs, records=written, copies=copies)
     finally:
         for r in readers:
             r.close()
