@@ -65,6 +65,8 @@ METHODS: dict[str, Method] = {
         _m("stop_stream", "stop sending or receiving a stream", device="str", stream="int"),
         _m("commit", "the point of no return of a run: resume the destination", run="str"),
         _m("status", "the agent's devices, streams and runs"),
+        _m("journal", "bytes of the agent's journal of a run, from offset", run="str",
+           offset="int"),
         _m("subscribe", "stream the agent's events as Notification messages",
            topics="list?"),
     )

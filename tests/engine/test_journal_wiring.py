@@ -172,13 +172,6 @@ def test_journal_data_then_load_gives_the_same_state(sims, cli, tmp_path: Path) 
     assert sims.dump("spare") == sims.dump("b") == sims.image("a")
 
 
-def test_journal_data_is_refused_for_a_remote_destination(cli, key_file: Path) -> None:
-    key = ("--key-file", str(key_file))
-    result = cli("migrate", "--journal-data", *key, "sim:a", "sim:b@127.0.0.1:7300")
-    assert result.status == 2
-    assert "--journal-data" in result.stderr
-
-
 # --- failures, diagnosed from the journal -----------------------------------------------------
 
 

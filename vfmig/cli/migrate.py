@@ -14,7 +14,12 @@ store (the newest ``--keep-journals`` kept). The recorder subscribes to the run'
 before the first event, so the journal holds every event, the agents' included (each with
 its origin, stamped on this process's clock as it arrives). The commit point is on disk
 before any agent is told to commit. With ``--journal-data`` the in-process agent also
-writes each stream it receives into the journal as it writes it to the device.
+writes each stream it receives into the journal as it writes it to the device, and each
+remote agent is asked to capture the streams its destinations receive into its own
+journal of the run. After the run (its devices closed, outside any downtime) each remote
+agent's journal is fetched and merged in (:mod:`vfmig.journal.collect`): the run's journal
+becomes one timeline on this host's clock, the agents' own records in place of the
+copies, and the streams they captured with them.
 
 This module starts fast: trio and the engine are imported only when the command runs, and
 textual never.
@@ -120,8 +125,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.add_argument(
         "--journal-data",
         action="store_true",
-        help="journal the device streams too (destinations of this host; vfmig load "
-        "re-drives them)",
+        help="journal the device streams too (an agent captures its destinations' streams, "
+        "merged in after the run; vfmig load re-drives them)",
     )
     parser.add_argument(
         "--keep-journals",
@@ -212,12 +217,6 @@ def run(args: argparse.Namespace, env: Environment) -> int:
             hint="create one with 'vfmig keygen PATH' and give the same file to every agent",
         )
     tls = client_tls(args.tls_cert, args.tls_key, args.tls_ca)
-    if args.journal_data and any(dst.remote for _, dst in pairs):
-        raise UsageError(
-            "--journal-data captures the streams of this host's destinations only",
-            hint="run the destination's agent with --journal-data and merge its journal "
-            "(vfmig journal merge)",
-        )
     if args.journal is not None and args.keep_journals is not None:
         raise UsageError("--keep-journals is for the journal store: not with --journal PATH")
     journal: list[Path] = []  # the run's journal, once created
@@ -305,6 +304,7 @@ async def _migrate(
     from vfmig.engine.bus import EventBus, Lossless, Ring
     from vfmig.engine.link import connect
     from vfmig.engine.orchestrator import Endpoint, Orchestrator, OrchestratorConfig
+    from vfmig.journal.collect import Collector
     from vfmig.journal.recorder import Written, record
     from vfmig.journal.runs import DataCapture
 
@@ -320,7 +320,9 @@ async def _migrate(
         timeouts=PhaseTimeouts(precopy_ns=max_precopy_ns + PRECOPY_ACK_GRACE_NS),
         step_timeout_ns=int(step * 1e9),
     )
-    config = OrchestratorConfig(machine=machine, compress_level=args.compress_level)
+    config = OrchestratorConfig(
+        machine=machine, compress_level=args.compress_level, journal_data=args.journal_data
+    )
     bus = EventBus()
     run_id = secrets.token_hex(8)
     writer = _open_journal(args, pairs, run_id)  # the header is synced: a few ms
@@ -355,6 +357,11 @@ async def _migrate(
                 host=spec.address, connect=partial(remote, spec.address)
             )
 
+    def warn(line: str) -> None:
+        print(f"vfmig: warning: {line}", file=env.stderr)
+
+    agents = list(endpoints)  # the agents' addresses (the in-process agent is added below)
+    collector = Collector(run_id, writer.path, agents, warn=warn) if agents else None
     names = {}
     for i, (src, dst) in enumerate(pairs):
         names[source(i)], names[destination(i)] = str(src), str(dst)
@@ -378,7 +385,13 @@ async def _migrate(
                 await nursery.start(local.run)
                 endpoints["local"] = local.endpoint()
             orchestrator = Orchestrator(
-                pairs, endpoints, bus, config, run_id=run_id, commit_hook=commit_point_on_disk
+                pairs,
+                endpoints,
+                bus,
+                config,
+                run_id=run_id,
+                commit_hook=commit_point_on_disk,
+                end_hook=collector,
             )
             nursery.start_soon(_on_signals, signals, orchestrator)
             done = trio.Event()
@@ -397,6 +410,8 @@ async def _migrate(
             await done.wait()
             await recorded.wait()  # the journal is written and closed
             nursery.cancel_scope.cancel()
+    if collector is not None:  # the agents' journals, fetched at the end of the run
+        await trio.to_thread.run_sync(collector.merge)
     for display in shown:
         display.close(summarize(report.tally) if report is not None else None)
     if failure is not None:

@@ -454,6 +454,8 @@ class Agent:
             return None
         if method == "commit":
             return self._commit(session, _param(params, "run", str))
+        if method == "journal":
+            return await self._journal_part(session, params)
         handler = _DEVICE_METHODS.get(method)
         if handler is None:
             raise _AgentError(Code.UNKNOWN_METHOD, f"this agent does not serve {method!r}")
@@ -490,6 +492,16 @@ class Agent:
             )
         if self.stopping:
             raise _AgentError(Code.BUSY, "the agent is shutting down", device=handle)
+        if options.get("journal_data") is True:  # vfmig migrate --journal-data
+            if self.config.journal is None and dev_id.role is Role.DESTINATION:
+                raise _AgentError(
+                    Code.REFUSED,
+                    f"{handle}: this agent keeps no journal (vfmig agent --no-journal), so it "
+                    "cannot capture the stream for --journal-data",
+                    device=handle,
+                )
+            if self.config.journal is not None:
+                self.config.journal.capture(run_id)
         run = self.runs.get(run_id)
         if run is None:
             run = self.runs[run_id] = Run(run_id, session)
@@ -680,6 +692,25 @@ class Agent:
         run.committed = True
         self.log(f"run {run_id} committed")
         return None
+
+    async def _journal_part(self, session: ControlSession, params: dict[str, Value]) -> Value:
+        """Bytes of this agent's journal of a run the session's orchestrator ran, from
+        ``offset``; the journal is ended first (the run's devices must be closed)."""
+        run_id = _param(params, "run", str)
+        offset = _param(params, "offset", int)
+        run = self.runs.get(run_id)
+        if run is None or run.owner is not session:
+            raise _AgentError(Code.UNKNOWN_DEVICE, f"run {run_id} is not this orchestrator's here")
+        if any(self.slots.get(s.handle) is s for s in run.slots):
+            raise _AgentError(
+                Code.BUSY, f"run {run_id} still holds devices here: its journal is still open"
+            )
+        journal = self.config.journal
+        if journal is None:
+            raise _AgentError(Code.FAILED, "this agent keeps no journal (vfmig agent --no-journal)")
+        path = await journal.closed(run_id)  # a JournalError is answered as failed
+        part = await trio.to_thread.run_sync(_read_journal, path, offset)
+        return wire.journal_result(part)
 
     def _status(self, params: dict[str, Value]) -> Value:
         devices: list[Value] = [
@@ -974,6 +1005,26 @@ def _timeout(params: dict[str, Value], default: float | None) -> float | None:
     ):
         return float(value)
     return default
+
+
+def _read_journal(path: Path, offset: int) -> wire.JournalPart:
+    """Up to JOURNAL_PIECES pieces of ``path`` from ``offset`` (runs in a thread)."""
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if not 0 <= offset <= size:
+                raise _AgentError(Code.BAD_PARAMS, f"offset {offset} is outside 0..{size}")
+            f.seek(offset)
+            pieces = []
+            for _ in range(wire.JOURNAL_PIECES):
+                piece = f.read(wire.JOURNAL_PIECE)
+                if not piece:
+                    break
+                pieces.append(piece)
+                offset += len(piece)
+    except OSError as exc:
+        raise _AgentError(Code.FAILED, f"cannot read {path.name}: {exc.strerror}") from None
+    return wire.JournalPart(pieces=pieces, size=size, done=offset >= size, name=path.name)
 
 
 async def _open_in_thread(

@@ -27,8 +27,10 @@ one input, hand it to the machine, execute the actions it returns in order.
 Inputs also come from outside the machine's requests: the agents' notifications (chunks,
 stream ends, switchover acks, stream failures), a lost control link (``AgentLost``),
 ``Tick`` every 50 ms, and ``Abort`` from a signal. At the end every opened device is
-closed and every link says Goodbye. A trace hook sees each action before it executes
-(tests use it to cut a link at an exact point).
+closed and every link says Goodbye; an end hook runs in between, on the links still up
+(``vfmig migrate`` fetches the agents' journals of the run there: after the devices are
+closed, outside any downtime). A trace hook sees each action before it executes (tests
+use it to cut a link at an exact point).
 """
 
 from __future__ import annotations
@@ -142,6 +144,9 @@ class OrchestratorConfig:
     #: zstd level for device data; None sends it uncompressed.
     compress_level: int | None = DEFAULT_COMPRESSION_LEVEL
     name: str = "vfmig-migrate"
+    #: Ask every agent to capture the streams its destinations receive into its journal of
+    #: the run (``open_device`` option ``journal_data``; ``vfmig migrate --journal-data``).
+    journal_data: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -177,6 +182,7 @@ class Orchestrator:
         run_id: str | None = None,
         trace: Callable[[Action], Awaitable[None]] | None = None,
         commit_hook: Callable[[Record], Awaitable[None]] | None = None,
+        end_hook: Callable[[Mapping[str, Link]], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config or OrchestratorConfig()
         self.run_id = run_id or secrets.token_hex(8)
@@ -184,6 +190,7 @@ class Orchestrator:
         self._endpoints = endpoints
         self._trace = trace
         self._commit_hook = commit_hook
+        self._end_hook = end_hook
         self._commit_published = False
         self._specs: dict[DeviceId, DeviceSpec] = {}
         for i, (src, dst) in enumerate(pairs):
@@ -407,10 +414,10 @@ class Orchestrator:
     async def _open(self, a: OpenDevice) -> Input:
         spec = self._specs[a.dev]
         local = dataclasses.replace(spec, host=None, port=None)
-        params: dict[str, Value] = {
-            "device": str(local),
-            "options": {"run": self.run_id, "id": str(a.dev)},
-        }
+        options: dict[str, Value] = {"run": self.run_id, "id": str(a.dev)}
+        if self.config.journal_data:
+            options["journal_data"] = True
+        params: dict[str, Value] = {"device": str(local), "options": options}
         try:
             result = await self._call(a.dev, "open_device", params, a.timeout_ns)
         except trio.TooSlowError:
@@ -689,5 +696,7 @@ class Orchestrator:
                     await link.request("close_device", {"device": handle})
             except (PeerError, RpcError, trio.TooSlowError):
                 pass
+        if self._end_hook is not None:
+            await self._end_hook({h: k for h, k in self._links.items() if k.failure is None})
         for link in self._links.values():
             await link.aclose("the run is over")

@@ -13,12 +13,14 @@ Record times are this process's trio clock, which the header's ``start_mono_ns``
 ``vfmig journal merge`` puts them on the orchestrator's clock from chunk pairs. Each
 record's origin is ``host`` (the agent's name for itself).
 
-With ``data=True`` a run's destination stream is captured too: :meth:`RunJournals.tap`
+With ``data=True`` (or for one run, :meth:`RunJournals.capture`: the orchestrator asks at
+``open_device``) a run's destination stream is captured too: :meth:`RunJournals.tap`
 gives the device thread a callable that appends the decoded bytes as DATA records
 (``JournalWriter.append_data`` is thread-safe and writes frames of at most 1 MiB, so
 memory stays bounded). The journal of a run is created at its first notice and closed by
 :meth:`RunJournals.end` (the run's devices are closed) or when :meth:`RunJournals.run`
-is cancelled (the agent stops).
+is cancelled (the agent stops). :meth:`RunJournals.closed` ends a run's journal and names
+its file, for the ``journal`` RPC that hands it to the run's orchestrator to merge.
 
 In local mode the in-process agent's events are already on the orchestrator's bus, so
 ``vfmig migrate --journal-data`` gives it a :class:`DataCapture` instead: the same
@@ -44,6 +46,7 @@ from vfmig.journal.recorder import bus_clock, record
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+    from pathlib import Path
 
     from vfmig.core.model import DeviceId
     from vfmig.journal.store import JournalStore
@@ -74,7 +77,11 @@ class AgentJournal(Protocol):
 
     def tap(self, run_id: str, dev: DeviceId) -> Callable[[int, memoryview], None] | None: ...
 
+    def capture(self, run_id: str) -> None: ...
+
     async def end(self, run_id: str) -> None: ...
+
+    async def closed(self, run_id: str) -> Path: ...
 
 
 class DataCapture:
@@ -92,8 +99,14 @@ class DataCapture:
     def tap(self, run_id: str, dev: DeviceId) -> Callable[[int, memoryview], None] | None:
         return _appender(self.writer, dev)
 
+    def capture(self, run_id: str) -> None:
+        return None  # every received stream is captured
+
     async def end(self, run_id: str) -> None:
         return None
+
+    async def closed(self, run_id: str) -> Path:
+        raise JournalError("an in-process agent keeps no journal of its own")
 
 
 class _RunJournal:
@@ -119,7 +132,8 @@ class RunJournals:
         self.data = data
         self._log = log
         self._runs: dict[str, _RunJournal] = {}
-        self._failed: set[str] = set()
+        self._failed: dict[str, str] = {}  #: run id -> why its journal could not be created
+        self._capture: set[str] = set()  #: runs whose streams are captured without ``data``
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -152,9 +166,14 @@ class RunJournals:
         """With data capture on and ``run_id``'s journal open: ``tap(offset, raw)`` appends
         stream bytes as DATA records; call it from the device's thread."""
         journal = self._runs.get(run_id)
-        if not self.data or journal is None:
+        if not (self.data or run_id in self._capture) or journal is None:
             return None
         return _appender(journal.writer, dev)
+
+    def capture(self, run_id: str) -> None:
+        """Capture ``run_id``'s received streams although ``data`` is off (call it before the
+        run's first notice: the journal's header says whether it holds data)."""
+        self._capture.add(run_id)
 
     async def end(self, run_id: str) -> None:
         """The run is over here: close its journal (waits for the last records to be written)."""
@@ -164,6 +183,17 @@ class RunJournals:
         journal.bus.close()
         with trio.move_on_after(30):
             await journal.done.wait()
+
+    async def closed(self, run_id: str) -> Path:
+        """The file of ``run_id``'s journal, ended first (JournalError if there is none)."""
+        journal = self._runs.get(run_id)
+        if journal is None:
+            why = self._failed.get(run_id, "this agent journaled nothing of it")
+            raise JournalError(f"no journal of run {run_id}: {why}")
+        await self.end(run_id)
+        if not journal.done.is_set():
+            raise JournalError(f"the journal of run {run_id} is still being written")
+        return journal.writer.path
 
     async def _journal(
         self, run_id: str, devices: Sequence[tuple[DeviceId, str]]
@@ -179,14 +209,14 @@ class RunJournals:
             start_wall_ns=time.time_ns(),
             start_mono_ns=int(trio.current_time() * 1e9),
             devices=tuple(DeviceInfo(id=dev, spec=spec) for dev, spec in devices),
-            data=self.data,
+            data=self.data or run_id in self._capture,
             vfmig=__version__,
         )
         try:
             create = partial(self.store.create, header, mono_clock=bus_clock())
             writer = await trio.to_thread.run_sync(create)
         except JournalError as exc:
-            self._failed.add(run_id)  # the migration goes on without this side's journal
+            self._failed[run_id] = exc.message  # the migration goes on without this journal
             self._log(f"run {run_id}: not journaled: {exc.message}")
             return None
         journal = self._runs[run_id] = _RunJournal(writer)

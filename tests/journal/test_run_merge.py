@@ -1,0 +1,136 @@
+"""Merging a run's journal with its agents' own (what ``vfmig migrate`` does after a run with
+remote agents): offsets from the events both sides hold, copies replaced by originals."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from vfmig.core import events as ev
+from vfmig.journal import synthetic
+from vfmig.journal.codec import EventRecord, JournalHeader
+from vfmig.journal.merge import AgentSide, merge_run
+from vfmig.journal.reader import JournalReader
+from vfmig.journal.writer import JournalWriter
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+S = 1_000_000_000
+ADDRESS = {synthetic.SOURCE_HOST: "10.0.0.1:7300", synthetic.DESTINATION_HOST: "10.0.0.2:7300"}
+#: The fastest notice from an agent to the orchestrator; others take up to 300 µs more.
+NOTICE_NS = 100_000
+
+
+def journal(path: Path, header: JournalHeader, records: list[tuple[int, str, ev.Event]]) -> Path:
+    clock = [0]
+    with JournalWriter.create(
+        path, header, mono_clock=lambda: clock[0], wall_clock=lambda: clock[0]
+    ) as writer:
+        for at, origin, event in sorted(records, key=lambda r: r[0]):
+            clock[0] = max(clock[0], at)
+            writer.append(event, at_ns=at, origin=origin)
+    return path
+
+
+def run_journals(
+    tmp_path: Path,
+    journal_header: Callable[..., JournalHeader],
+    observations: list[synthetic.Observation],
+    skews: dict[str, int],
+) -> tuple[Path, Path, Path]:
+    """The orchestrator's journal (agents' events as copies stamped on receipt, on true
+    time) and each agent's own (on true time + its skew; wall clocks 0.4 s off)."""
+    own: list[tuple[int, str, ev.Event]] = []
+    sides: dict[str, list[tuple[int, str, ev.Event]]] = {h: [] for h in skews}
+    for n, o in enumerate(observations):
+        if o.host == synthetic.ORCHESTRATOR:
+            own.append((o.at_ns, o.host, o.event))
+            continue
+        own.append((o.at_ns + NOTICE_NS + (n % 7) * 50_000, ADDRESS[o.host], o.event))
+        sides[o.host].append((o.at_ns + skews[o.host], o.host, o.event))
+    wall = 1_700_000_000 * S
+    ho = journal_header(start_mono_ns=0, start_wall_ns=wall)
+    paths = [journal(tmp_path / "own.vfj", ho, own)]
+    for host, skew in skews.items():
+        h = replace(ho, host=host, role="agent", start_mono_ns=skew, start_wall_ns=wall + S // 4)
+        paths.append(journal(tmp_path / f"{host}.vfj", h, sides[host]))
+    return paths[0], paths[1], paths[2]
+
+
+def events(path: Path) -> list[EventRecord]:
+    with JournalReader(path) as reader:
+        found = [e for e in reader.entries() if isinstance(e, EventRecord)]
+        assert reader.status.intact
+        return found
+
+
+def test_skewed_agents_are_put_on_the_orchestrators_clock(
+    tmp_path: Path, journal_header: Callable[..., JournalHeader]
+) -> None:
+    scenario = synthetic.Scenario(size=16 * synthetic.MIB, chunk=256 << 10, latency_ns=150_000)
+    observations = list(synthetic.run(scenario))
+    skews = {synthetic.SOURCE_HOST: 5 * S, synthetic.DESTINATION_HOST: -3 * S}
+    own, a, b = run_journals(tmp_path, journal_header, observations, skews)
+    sides = [AgentSide(ADDRESS[h], p) for h, p in zip(skews, (a, b), strict=True)]
+    report = merge_run(own, sides, tmp_path / "m.vfj")
+    assert report.records == len(observations)  # the copies are gone
+    _, ra, rb = report.inputs
+    for got, skew in ((ra, 5 * S), (rb, -3 * S)):
+        assert got.method == "paired events"
+        assert got.pairs > 0
+        assert abs(got.offset_ns + skew) <= scenario.latency_ns, (got.offset_ns, skew)
+    with JournalReader(tmp_path / "m.vfj") as reader:
+        header = reader.header
+    assert header.role == "merged"
+    for entry, skew in zip(header.merged_from[1:], skews.values(), strict=True):
+        # the true offset lies within the interval the header states
+        assert abs(entry["offset_ns"] + skew) <= entry["uncertainty_ns"]
+    assert [m["address"] for m in header.merged_from[1:]] == list(ADDRESS.values())
+
+    merged = events(tmp_path / "m.vfj")
+    assert [e.at_ns for e in merged] == sorted(e.at_ns for e in merged)
+    for host in (synthetic.ORCHESTRATOR, *skews):
+        origin = ADDRESS.get(host, host)
+        assert [e.event for e in merged if e.origin == origin] == [
+            o.event for o in observations if o.host == host
+        ]
+    sent = {e.event.seq: e.at_ns for e in merged if isinstance(e.event, ev.ChunkSent)}
+    for e in merged:
+        if isinstance(e.event, ev.ChunkReceived):
+            assert e.at_ns >= sent[e.event.seq]
+
+
+def test_an_agent_not_fetched_keeps_the_orchestrators_copies(
+    tmp_path: Path,
+    journal_header: Callable[..., JournalHeader],
+    default_run: list[synthetic.Observation],
+) -> None:
+    skews = {synthetic.SOURCE_HOST: 2 * S, synthetic.DESTINATION_HOST: -S}
+    own, a, _ = run_journals(tmp_path, journal_header, default_run, skews)
+    lost = ADDRESS[synthetic.DESTINATION_HOST]
+    sides = [AgentSide(ADDRESS[synthetic.SOURCE_HOST], a), AgentSide(lost, None, "agent lost")]
+    report = merge_run(own, sides, tmp_path / "m.vfj")
+    assert len(report.inputs) == 2
+    merged = events(tmp_path / "m.vfj")
+    copies = [e for e in events(own) if e.origin == lost]
+    assert [(e.at_ns, e.event) for e in merged if e.origin == lost] == [
+        (e.at_ns, e.event) for e in copies
+    ]
+    assert report.records == len(default_run)
+    with JournalReader(tmp_path / "m.vfj") as reader:
+        missing = reader.header.merged_from[-1]
+    assert (missing["address"], missing["file"], missing["error"]) == (lost, None, "agent lost")
+
+
+def test_without_shared_events_the_wall_clock_is_used(
+    tmp_path: Path, journal_header: Callable[..., JournalHeader]
+) -> None:
+    wall = 1_700_000_000 * S
+    ho = journal_header(start_mono_ns=0, start_wall_ns=wall)
+    own = journal(tmp_path / "own.vfj", ho, [])
+    ha = replace(ho, host="hostA", role="agent", start_mono_ns=4 * S, start_wall_ns=wall)
+    a = journal(tmp_path / "a.vfj", ha, [])
+    report = merge_run(own, [AgentSide("hostA:1", a)], tmp_path / "m.vfj")
+    assert (report.inputs[1].method, report.inputs[1].offset_ns) == ("wall clock", -4 * S)
