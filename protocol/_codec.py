@@ -362,6 +362,7 @@ DECODERS: dict[int, tuple[type[Message], Callable[[Fields, Config], Message]]] =
             errno=f.opt_int("errno", 0, 4095),
             device=f.opt_str("device"),
             phase=f.opt_str("phase"),
+            step=f.opt_str("step"),
         ),
     ),
     Notification.TAG: (Notification, lambda f, c: Notification(payload=f.get_map("payload"))),

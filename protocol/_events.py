@@ -134,6 +134,8 @@ class ErrorResponse(Message):
     errno: int | None = None
     device: str | None = None
     phase: str | None = None
+    #: With code ``hung``: the step that holds the device (which may not be the request's).
+    step: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -19,9 +19,10 @@ the run (``same-device``) before anything changes.
 (``start_receive``: an address and a one-time ticket) and tells the source's agent to
 connect (``start_send``); the ticket travels as the data sender's name in its Hello, which
 the handshake authenticates with the shared key. The source (:class:`Sender`) reads
-chunks of at most 1 MiB (or MIG_DATA_SIZE if smaller) in the device's thread, compresses
-them there and sends only while it holds credit; during precopy a read with nothing to give
-is retried with a short back-off (data fds cannot be polled). The destination
+chunks of at most :data:`CHUNK_SIZE` (or MIG_DATA_SIZE if smaller) in the device's thread,
+has them compressed in threads of their own (two chunks at once, while the next one is
+read) and sends them in order, only while it holds credit; during precopy a read with
+nothing to give is retried with a short back-off (data fds cannot be polled). The destination
 (:class:`Receiver`) queues at most a window of chunks, decompresses and writes each in
 order in its device's thread, and returns credit as chunks are written, so memory does not
 grow with the state size. The first write error stops the stream at once (some drivers
@@ -957,7 +958,10 @@ def _error_response(request_id: int, exc: VfmigError) -> ErrorResponse:
         code = Code.BUSY
     errno = exc.errno if isinstance(exc, DeviceError) else None
     device = exc.device if isinstance(exc, DeviceError) else None
-    return ErrorResponse(id=request_id, code=code, message=exc.message, errno=errno, device=device)
+    step = exc.step if isinstance(exc, DeviceHung) else None
+    return ErrorResponse(
+        id=request_id, code=code, message=exc.message, errno=errno, device=device, step=step
+    )
 
 
 def _param(params: Any, name: str, kind: type) -> Any:

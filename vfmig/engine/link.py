@@ -118,6 +118,7 @@ class RpcError(VfmigError):
         self.errno = response.errno
         self.device = response.device
         self.phase = response.phase
+        self.step = response.step
 
 
 @dataclass(slots=True)

@@ -169,6 +169,14 @@ class _PairStream:
     peer_control: str | None
 
 
+class _Hung(Exception):
+    """A step that did not return in time: the machine's input for it."""
+
+    def __init__(self, timed_out: StepTimedOut) -> None:
+        super().__init__(timed_out.step)
+        self.timed_out = timed_out
+
+
 class Orchestrator:
     """One migration run; see the module docstring."""
 
@@ -385,30 +393,42 @@ class Orchestrator:
         return self._links[self.host_of(dev)]
 
     async def _call(
-        self, dev: DeviceId, method: str, params: dict[str, Value], limit_ns: int
+        self, dev: DeviceId, method: str, params: dict[str, Value], limit_ns: int, step: str
     ) -> Value:
-        """An RPC about ``dev``; TooSlowError past the step's limit plus a margin."""
+        """An RPC that runs ``step`` on ``dev``. One that outlasts the step's limit plus a
+        margin, or that the agent answers ``hung``, raises :class:`_Hung`, named by the step
+        that holds the device when the agent says which."""
         seconds = limit_ns / 1e9
         params = {**params, "timeout": seconds}
-        with trio.fail_after(seconds + RPC_MARGIN):
-            return await self._link(dev).request(method, params)
+        try:
+            with trio.fail_after(seconds + RPC_MARGIN):
+                return await self._link(dev).request(method, params)
+        except trio.TooSlowError:
+            raise _Hung(StepTimedOut(dev=dev, step=step)) from None
+        except RpcError as exc:
+            if exc.code == Code.HUNG:
+                raise _Hung(StepTimedOut(dev=dev, step=exc.step or step)) from None
+            raise
 
     async def _perform(self, action: Action) -> Input | None:
-        match action:
-            case OpenDevice():
-                return await self._open(action)
-            case SetState():
-                return await self._set(action)
-            case Reset():
-                return await self._reset(action)
-            case QueryPrecopy():
-                return await self._query_precopy(action)
-            case QueryDataSize():
-                return await self._query_size(action)
-            case StartStream():
-                return await self._start_stream(action)
-            case StopStream():
-                await self._stop_stream(action)
+        try:
+            match action:
+                case OpenDevice():
+                    return await self._open(action)
+                case SetState():
+                    return await self._set(action)
+                case Reset():
+                    return await self._reset(action)
+                case QueryPrecopy():
+                    return await self._query_precopy(action)
+                case QueryDataSize():
+                    return await self._query_size(action)
+                case StartStream():
+                    return await self._start_stream(action)
+                case StopStream():
+                    await self._stop_stream(action)
+        except _Hung as hung:
+            return hung.timed_out
         return None
 
     async def _open(self, a: OpenDevice) -> Input:
@@ -419,12 +439,8 @@ class Orchestrator:
             options["journal_data"] = True
         params: dict[str, Value] = {"device": str(local), "options": options}
         try:
-            result = await self._call(a.dev, "open_device", params, a.timeout_ns)
-        except trio.TooSlowError:
-            return StepTimedOut(dev=a.dev, step="open")
+            result = await self._call(a.dev, "open_device", params, a.timeout_ns, "open")
         except RpcError as exc:
-            if exc.code == Code.HUNG:
-                return StepTimedOut(dev=a.dev, step="open")
             return OpenFailed(dev=a.dev, errno=exc.errno, message=exc.reason)
         opened = wire.parse_opened(result)
         self._handles[a.dev] = opened.handle
@@ -461,16 +477,13 @@ class Orchestrator:
             "step": a.arc,
         }
         try:
-            answer = wire.parse_set(await self._call(a.dev, "set_state", params, a.timeout_ns))
-        except trio.TooSlowError:
-            return StepTimedOut(dev=a.dev, step=a.arc)
+            result = await self._call(a.dev, "set_state", params, a.timeout_ns, a.arc)
         except RpcError as exc:
-            if exc.code == Code.HUNG:
-                return StepTimedOut(dev=a.dev, step=a.arc)
             after = a.current if exc.code == Code.REFUSED else None
             return SetStateFailed(
                 dev=a.dev, target=a.target, errno=exc.errno or _errno.EINVAL, state_after=after
             )
+        answer = wire.parse_set(result)
         if answer.ok:
             await self._changed(a.dev, a.target, a.arc)
             return SetStateDone(dev=a.dev, target=a.target)
@@ -488,12 +501,9 @@ class Orchestrator:
 
     async def _reset(self, a: Reset) -> Input:
         try:
-            await self._call(a.dev, "reset", {"device": self._handles[a.dev]}, a.timeout_ns)
-        except trio.TooSlowError:
-            return StepTimedOut(dev=a.dev, step="reset")
+            params: dict[str, Value] = {"device": self._handles[a.dev]}
+            await self._call(a.dev, "reset", params, a.timeout_ns, "reset")
         except RpcError as exc:
-            if exc.code == Code.HUNG:
-                return StepTimedOut(dev=a.dev, step="reset")
             return ResetFailed(dev=a.dev, errno=exc.errno)
         before = self._states.get(a.dev)
         if before is not None:
@@ -506,12 +516,8 @@ class Orchestrator:
     async def _query_precopy(self, a: QueryPrecopy) -> Input:
         params: dict[str, Value] = {"device": self._handles[a.dev]}
         try:
-            result = await self._call(a.dev, "precopy_info", params, a.timeout_ns)
-        except trio.TooSlowError:
-            return StepTimedOut(dev=a.dev, step="precopy info")
+            result = await self._call(a.dev, "precopy_info", params, a.timeout_ns, "precopy info")
         except RpcError as exc:
-            if exc.code == Code.HUNG:
-                return StepTimedOut(dev=a.dev, step="precopy info")
             return QueryFailed(dev=a.dev, query=Query.PRECOPY_INFO, errno=exc.errno)
         initial, dirty, reinit = wire.parse_precopy(result)
         await self._publish(
@@ -524,12 +530,8 @@ class Orchestrator:
     async def _query_size(self, a: QueryDataSize) -> Input:
         params: dict[str, Value] = {"device": self._handles[a.dev]}
         try:
-            result = await self._call(a.dev, "data_size", params, a.timeout_ns)
-        except trio.TooSlowError:
-            return StepTimedOut(dev=a.dev, step="data size")
+            result = await self._call(a.dev, "data_size", params, a.timeout_ns, "data size")
         except RpcError as exc:
-            if exc.code == Code.HUNG:
-                return StepTimedOut(dev=a.dev, step="data size")
             return QueryFailed(dev=a.dev, query=Query.DATA_SIZE, errno=exc.errno)
         if type(result) is not int:
             return QueryFailed(dev=a.dev, query=Query.DATA_SIZE, errno=None)
@@ -550,10 +552,10 @@ class Orchestrator:
                 if bind is not None:
                     params["bind"] = bind
             try:
-                result = await self._call(dst, "start_receive", params, a.step_timeout_ns)
+                result = await self._call(
+                    dst, "start_receive", params, a.step_timeout_ns, "start receive"
+                )
                 listener = wire.parse_listener(result)
-            except trio.TooSlowError:
-                return StepTimedOut(dev=dst, step="start receive")
             except RpcError as exc:
                 return self._stream_error(dst, exc, write=True)
             if listener.host == INPROC:
@@ -577,16 +579,12 @@ class Orchestrator:
             "peer_control": stream.peer_control,
         }
         try:
-            await self._call(src, "start_send", params, a.step_timeout_ns)
-        except trio.TooSlowError:
-            return StepTimedOut(dev=src, step="start send")
+            await self._call(src, "start_send", params, a.step_timeout_ns, "start send")
         except RpcError as exc:
             return self._stream_error(src, exc, write=False)
         return None
 
     def _stream_error(self, dev: DeviceId, exc: RpcError, *, write: bool) -> Input:
-        if exc.code == Code.HUNG:
-            return StepTimedOut(dev=dev, step="data write" if write else "data read")
         if write:
             return DataWriteFailed(dev=dev, errno=exc.errno, offset=0)
         return DataReadFailed(dev=dev, errno=exc.errno, offset=0)
