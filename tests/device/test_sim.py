@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vfmig.core.errors import DataError, DeviceError, SpecError, StateChangeError
 from vfmig.core.fsm import DeviceState, MigrationFlags
@@ -22,7 +24,7 @@ from vfmig.device import sim_stream
 from vfmig.device.backend import PrecopyInfo
 from vfmig.device.debugfs import Availability
 from vfmig.device.open import open_device
-from vfmig.device.sim import DEFAULT_SIZE, SimDevice, name_seed, release_hangs
+from vfmig.device.sim import DEFAULT_SIZE, SimDevice, _nonzero_runs, name_seed, release_hangs
 from vfmig.device.sim_content import (
     BLOCK_SIZE,
     PAGE_SIZE,
@@ -949,3 +951,41 @@ def test_probe_features_answers_like_a_driver_without_dirty_tracking() -> None:
     assert answers["DMA_LOGGING_START"] == "ENOTTY"
     assert answers["DMA_BUF"] == "ENOTTY"
     assert state.name == "RUNNING"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    offset=st.integers(0, 3 * PAGE_SIZE),
+    pages=st.lists(st.sampled_from([b"\0", b"\1", b"z"]), max_size=6),
+    tail=st.integers(0, PAGE_SIZE - 1),
+)
+def test_nonzero_runs_leave_out_exactly_the_whole_zero_pages(
+    offset: int, pages: list[bytes], tail: int
+) -> None:
+    data = b"".join(fill * PAGE_SIZE for fill in pages) + b"\7" * tail
+    data = data[: len(data) - offset % PAGE_SIZE] if offset % PAGE_SIZE else data
+    runs = _nonzero_runs(offset, memoryview(data))
+    rebuilt = bytearray(len(data))  # the holes read as zeros
+    for at, run in runs:
+        rebuilt[at - offset : at - offset + len(run)] = run
+    assert rebuilt == data
+    for at, run in runs:  # no whole, aligned zero page is written
+        start = -at % PAGE_SIZE
+        for page in range(start, len(run) - PAGE_SIZE + 1, PAGE_SIZE):
+            assert bytes(run[page : page + PAGE_SIZE]) != bytes(PAGE_SIZE)
+
+
+def test_a_resumed_realistic_state_is_stored_sparse(
+    sim: Callable[..., SimDevice], tmp_path: Path
+) -> None:
+    source = sim("sim:s,size=8MiB")
+    destination = sim(f"sim:d,size=8MiB,dump={tmp_path}/dump.bin")
+    resuming = destination.set_state(S.RESUMING)
+    assert resuming is not None
+    write_all(resuming, drain(_saving(source)))
+    destination.set_state(S.STOP)
+    destination.set_state(S.RUNNING)
+    source.snapshot_to(tmp_path / "source.bin")
+    dump = tmp_path / "dump.bin"
+    assert dump.read_bytes() == (tmp_path / "source.bin").read_bytes()
+    assert dump.stat().st_blocks * 512 < 0.8 * (8 << 20)  # ~40 % zero pages are holes

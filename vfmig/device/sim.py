@@ -72,6 +72,7 @@ from vfmig.device.debugfs import DebugfsReader
 from vfmig.device.sim_content import (
     BLOCK_PAGES,
     PAGE_SIZE,
+    ZERO_PAGE,
     FilePages,
     GeneratedPages,
     PageSource,
@@ -124,6 +125,31 @@ def _wait_for_release() -> None:
 def name_seed(name: str) -> int:
     """The seed of a device whose spec gives none: a hash of its name."""
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data = data[written:]
+        offset += written
+
+
+def _nonzero_runs(offset: int, data: memoryview) -> list[tuple[int, memoryview]]:
+    """``(offset, bytes)`` runs of ``data`` (at ``offset``) without its whole zero pages, as
+    ``zstd -d`` leaves holes for zero blocks: ~40 % of a realistic state is never written
+    to the staging file (nor to the page cache)."""
+    raw = data.tobytes()  # slices of bytes compare at memcmp speed, memoryview's do not
+    first = -offset % PAGE_SIZE  # the first page boundary in data
+    runs: list[tuple[int, memoryview]] = []
+    start = 0  # of the run being collected
+    for at in range(first, len(raw) - PAGE_SIZE + 1, PAGE_SIZE):
+        if raw[at : at + PAGE_SIZE] == ZERO_PAGE:
+            if at > start:
+                runs.append((offset + start, data[start:at]))
+            start = at + PAGE_SIZE
+    if start < len(raw):
+        runs.append((offset + start, data[start:]))
+    return runs
 
 
 class SimSession(DataSession):
@@ -628,12 +654,17 @@ class SimDevice(MigrationDevice):
         staging = self.workdir / "resuming.bin"
         fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         os.ftruncate(fd, self.size)
+        fresh = 0  # bytes from here on were never written: the sized file's holes are zeros
 
         def sink(offset: int, data: memoryview) -> None:
-            while data:
-                written = os.pwrite(fd, data, offset)
-                data = data[written:]
-                offset += written
+            nonlocal fresh
+            end = offset + len(data)
+            if offset >= fresh:  # first-time pages arrive in order
+                for at, run in _nonzero_runs(offset, data):
+                    _pwrite_all(fd, run, at)
+            else:  # a re-sent page may turn zero: written as is
+                _pwrite_all(fd, data, offset)
+            fresh = max(fresh, end)
 
         loader = StreamLoader(self.size, sink, checksum=self.options.checksum == "crc32")
         return SimSession(self, Direction.RESUMING, loader=loader, staging_fd=fd)
