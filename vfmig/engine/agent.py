@@ -737,11 +737,22 @@ class Agent:
         await self._flush_ioctls(slot)
         await self._send_notice(slot, payload)
 
-    async def _send_notice(self, slot: Slot, payload: dict[str, Value]) -> None:
+    async def notify_event(self, slot: Slot, event: RunEvent) -> None:
+        """``event`` to the orchestrator and the journal, after the ioctls that came first."""
+        await self._flush_ioctls(slot)
+        await self._send_event(slot, event)
+
+    async def _send_event(self, slot: Slot, event: RunEvent) -> None:
+        run = slot.run.id if slot.run is not None else ""
+        await self._send_notice(slot, wire.event_notice(run, event), event)
+
+    async def _send_notice(
+        self, slot: Slot, payload: dict[str, Value], event: RunEvent | None = None
+    ) -> None:
         journal = self.config.journal
         if journal is not None and slot.run is not None:
             devices = [(i, str(s.spec)) for s in slot.run.slots for i in s.ids]
-            await journal.notice(slot.run.id, devices, payload)
+            await journal.notice(slot.run.id, devices, payload, event)
         if slot.owner is not None:
             await slot.owner.notify(payload)
 
@@ -750,13 +761,12 @@ class Agent:
         for slot in slots:
             await self._flush_ioctls(slot)
         if slots:
-            await self._send_notice(slots[0], wire.event_notice(run.id, event))
+            await self._send_event(slots[0], event)
 
     async def _flush_ioctls(self, slot: Slot) -> None:
         """Send the ioctls the device's thread completed, in order, before anything newer."""
-        run = slot.run.id if slot.run is not None else ""
         while slot.ioctls:
-            await self._send_notice(slot, wire.event_notice(run, slot.ioctls.popleft()))
+            await self._send_event(slot, slot.ioctls.popleft())
 
     # --- losing the orchestrator --------------------------------------------------------------
 
@@ -1307,7 +1317,7 @@ class Sender:
                 event = ChunkSent(
                     device=slot.device_id, seq=seq, offset=result.offset, raw=0, wire=0, final=True
                 )
-                await self.agent.notify(slot, wire.event_notice(run, event))
+                await self.agent.notify_event(slot, event)
                 self.agent.log(f"{slot.handle}: stream {self.stream} sent ({result.offset} bytes)")
                 return
             assert result.encoding is not None
@@ -1333,7 +1343,7 @@ class Sender:
                 final=False,
             )
             seq += 1
-            await self.agent.notify(slot, wire.event_notice(run, event))
+            await self.agent.notify_event(slot, event)
             if reported_at is None or now - reported_at >= PROGRESS_INTERVAL:
                 await self._notify_progress(run)
                 reported_at = now
@@ -1426,14 +1436,14 @@ class Receiver:
                         wire=len(event.payload),
                         final=False,
                     )
-                    await self.agent.notify(slot, wire.event_notice(run, received))
+                    await self.agent.notify_event(slot, received)
                 elif isinstance(event, InitialDataSent):
                     marks_seen += 1
                     if marks_seen == self._marks_received:
                         ack = SwitchoverAck(stream=self.stream, offset=event.offset)
                         await self._send_quietly(ack)
                         acked = SwitchoverAckedEvent(device=dev)
-                        await self.agent.notify(slot, wire.event_notice(run, acked))
+                        await self.agent.notify_event(slot, acked)
                 elif isinstance(event, LinkStreamEnded):
                     self.complete = True
                     final = ChunkReceived(
@@ -1444,9 +1454,9 @@ class Receiver:
                         wire=0,
                         final=True,
                     )
-                    await self.agent.notify(slot, wire.event_notice(run, final))
+                    await self.agent.notify_event(slot, final)
                     ended = StreamEnded(device=dev, total=event.total, digest_ok=event.ok)
-                    await self.agent.notify(slot, wire.event_notice(run, ended))
+                    await self.agent.notify_event(slot, ended)
                     self.agent.log(
                         f"{slot.handle}: stream {self.stream} received ({event.total} bytes, "
                         f"digest {'ok' if event.ok else 'MISMATCH'})"

@@ -121,17 +121,27 @@ class Subscription:
         if self._receive is not None:
             return await self._receive.receive()
         while True:
-            if self._missed:
-                missed, self._missed = self._missed, 0
-                return Lagged(missed)
-            if self._ring:
-                return self._ring.popleft()
-            if self._latest:
-                key = next(iter(self._latest))
-                return self._latest.pop(key)
-            if self._closed:
-                raise trio.EndOfChannel
-            await self._lot.park()
+            try:
+                return self.receive_nowait()
+            except trio.WouldBlock:
+                await self._lot.park()
+
+    def receive_nowait(self) -> Record | Lagged:
+        """The next item if one is waiting, else trio.WouldBlock; trio.EndOfChannel once
+        the bus closed and all was read."""
+        if self._receive is not None:
+            return self._receive.receive_nowait()
+        if self._missed:
+            missed, self._missed = self._missed, 0
+            return Lagged(missed)
+        if self._ring:
+            return self._ring.popleft()
+        if self._latest:
+            key = next(iter(self._latest))
+            return self._latest.pop(key)
+        if self._closed:
+            raise trio.EndOfChannel
+        raise trio.WouldBlock
 
     def __aiter__(self) -> Subscription:
         return self

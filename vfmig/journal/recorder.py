@@ -37,7 +37,7 @@ from vfmig.journal.writer import DURABLE
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from vfmig.engine.bus import Subscription
+    from vfmig.engine.bus import Lagged, Subscription
     from vfmig.journal.writer import JournalWriter
 
 #: A batch is written once its first record is this old (seconds).
@@ -111,16 +111,27 @@ async def record(
     last_at_ns: int | None = None
     task_status.started()
     try:
-        while True:
+        ended = False
+        while not ended:
             now = trio.current_time()
             wait = FLUSH_INTERVAL if first_at is None else max(first_at + BATCH_INTERVAL - now, 0)
-            item = None
+            items: list[Record | Lagged] = []
             with trio.move_on_after(wait):
                 try:
-                    item = await subscription.receive()
+                    items.append(await subscription.receive())
                 except trio.EndOfChannel:
                     break
-            if item is not None:
+            # Take what else is waiting in the same wake-up (a wake-up per record costs
+            # more than the record), up to a durable one, which is written at once.
+            while items and len(batch) + len(items) < BATCH_RECORDS and not _durable(items[-1]):
+                try:
+                    items.append(subscription.receive_nowait())
+                except trio.WouldBlock:
+                    break
+                except trio.EndOfChannel:
+                    ended = True
+                    break
+            for item in items:
                 if not isinstance(item, Record):
                     raise JournalError(
                         "the journal's bus subscription dropped records",
@@ -128,15 +139,10 @@ async def record(
                     )
                 batch.append(item)
                 last_at_ns = item.at_ns
-                if first_at is None:
-                    first_at = trio.current_time()
+            if items and first_at is None:
+                first_at = trio.current_time()
             due = first_at is not None and trio.current_time() - first_at >= BATCH_INTERVAL
-            if (
-                item is None
-                or due
-                or len(batch) >= BATCH_RECORDS
-                or isinstance(batch[-1].event, DURABLE)
-            ):
+            if not items or due or len(batch) >= BATCH_RECORDS or _durable(batch[-1]):
                 await trio.to_thread.run_sync(_write, writer, batch)
                 if written is not None and batch:
                     written.advance(batch[-1].seq)
@@ -149,6 +155,10 @@ async def record(
                 written.advance(pending[-1].seq)
         if written is not None:
             written.end()
+
+
+def _durable(item: Record | Lagged) -> bool:
+    return isinstance(item, Record) and isinstance(item.event, DURABLE)
 
 
 def _finish(writer: JournalWriter, batch: list[Record], last_at_ns: int | None) -> None:

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from pathlib import Path
 
+    from vfmig.core.events import Event
     from vfmig.core.model import DeviceId
     from vfmig.journal.store import JournalStore
     from vfmig.journal.writer import JournalWriter
@@ -72,7 +73,11 @@ class AgentJournal(Protocol):
     """What an agent calls (``AgentConfig.journal``)."""
 
     async def notice(
-        self, run_id: str, devices: Sequence[tuple[DeviceId, str]], payload: dict[str, Value]
+        self,
+        run_id: str,
+        devices: Sequence[tuple[DeviceId, str]],
+        payload: dict[str, Value],
+        event: Event | None = None,
     ) -> None: ...
 
     def tap(self, run_id: str, dev: DeviceId) -> Callable[[int, memoryview], None] | None: ...
@@ -92,7 +97,11 @@ class DataCapture:
         self.writer = writer
 
     async def notice(
-        self, run_id: str, devices: Sequence[tuple[DeviceId, str]], payload: dict[str, Value]
+        self,
+        run_id: str,
+        devices: Sequence[tuple[DeviceId, str]],
+        payload: dict[str, Value],
+        event: Event | None = None,
     ) -> None:
         return None
 
@@ -147,18 +156,24 @@ class RunJournals:
             self._nursery = None
 
     async def notice(
-        self, run_id: str, devices: Sequence[tuple[DeviceId, str]], payload: dict[str, Value]
+        self,
+        run_id: str,
+        devices: Sequence[tuple[DeviceId, str]],
+        payload: dict[str, Value],
+        event: Event | None = None,
     ) -> None:
-        """Journal the event a notice carries (progress and facts are not events)."""
+        """Journal the event a notice carries (progress and facts are not events); ``event``
+        is that event, when the caller has it (else it is decoded from ``payload``)."""
         if "event" not in payload:
             return
         journal = await self._journal(run_id, devices)
         if journal is None:
             return
-        try:
-            event = parse_notice(payload).event
-        except WireError:
-            return
+        if event is None:
+            try:
+                event = parse_notice(payload).event
+            except WireError:
+                return
         if event is not None:
             await journal.bus.publish(event, origin=self.host)
 
