@@ -122,3 +122,22 @@ async def test_concurrent_publishers_are_seen_in_seq_order() -> None:
             bus.close()
     assert seen == list(range(10))
     assert [r.seq for r in await drain(ring)] == list(range(10))
+
+
+@pytest.mark.parametrize(
+    "policy", [Lossless(capacity=8), Ring(capacity=8), Latest(key=lambda e: e.size)]
+)
+async def test_receive_nowait_takes_what_waits_and_never_blocks(policy) -> None:
+    bus = EventBus()
+    sub = bus.subscribe(policy)
+    with pytest.raises(trio.WouldBlock):
+        sub.receive_nowait()
+    for n in range(3):
+        await bus.publish(size(n))
+    taken = [sub.receive_nowait() for _ in range(3)]
+    assert [r.event.size for r in taken if isinstance(r, Record)] == [0, 1, 2]
+    with pytest.raises(trio.WouldBlock):
+        sub.receive_nowait()
+    bus.close()
+    with pytest.raises(trio.EndOfChannel):
+        sub.receive_nowait()
