@@ -1271,7 +1271,14 @@ class Sender:
                     result = await worker.read_chunk(buffer, min(size, window), self._advance)
                     if result is None:
                         await results.send(None)  # the sender may owe a switchover mark
-                        await trio.sleep(poll)
+                        # Back off, but not past the switch to stop-copy: the device stops
+                        # then, and each millisecond until its last bytes are read is
+                        # downtime.
+                        with trio.move_on_after(poll):
+                            if self.phase is StreamPhase.PRECOPY:
+                                await self._switched.wait()
+                            else:
+                                await trio.sleep_forever()
                         poll = min(poll * 2, MAX_POLL)
                         continue
                     poll = MIN_POLL
