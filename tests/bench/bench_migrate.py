@@ -197,18 +197,26 @@ class Agents:
 
 
 @contextlib.contextmanager
-def agents(work: Path) -> Iterator[Agents]:
+def agents(work: Path, name: str = "", *, journal: bool = True) -> Iterator[Agents]:
+    """A source and a destination agent (``name`` prefixes their files), each journaling
+    its runs into a directory of its own unless ``journal`` is off (``--no-journal``)."""
     key = work / "vfmig.key"
-    subprocess.run([str(VFMIG), "keygen", str(key)], check=True, capture_output=True, env=VFMIG_ENV)
+    if not key.exists():
+        command = [str(VFMIG), "keygen", str(key)]
+        subprocess.run(command, check=True, capture_output=True, env=VFMIG_ENV)
     ports = free_port(), free_port()
-    dirs = work / "source-agent", work / "destination-agent"
+    dirs = work / f"{name}source-agent", work / f"{name}destination-agent"
     processes: list[subprocess.Popen[bytes]] = []
     try:
         for role, port, directory in zip(("source", "destination"), ports, dirs, strict=True):
             directory.mkdir()
-            log = open(work / f"{role}-agent.log", "wb")  # noqa: SIM115 -- the agent holds it
+            log = open(work / f"{name}{role}-agent.log", "wb")  # noqa: SIM115 -- the agent holds it
             command = [str(VFMIG), "agent", "--listen", f"127.0.0.1:{port}"]
             command += ["--key-file", str(key), "--sim-dir", str(directory)]
+            if journal:
+                command += ["--journal-dir", str(work / f"{name}{role}-journals")]
+            else:
+                command += ["--no-journal"]
             processes.append(subprocess.Popen(command, stdout=log, stderr=log, env=VFMIG_ENV))
             log.close()
             wait_listening(port, processes[-1], f"the {role} agent")
@@ -313,6 +321,39 @@ def cpu_medians(side: str, runs: Sequence[Run]) -> str:
     return f"{parts}; total {total:.2f} CPU-s"
 
 
+def journal_cost(
+    work: Path, size: int, args: argparse.Namespace, state: Path, out: IO[str]
+) -> None:
+    """The agents' CPU seconds with and without their journals, rounds alternating."""
+    runs: dict[bool, list[Run]] = {True: [], False: []}
+    with contextlib.ExitStack() as stack:
+        setups = {
+            journal: stack.enter_context(agents(work, name, journal=journal))
+            for journal, name in ((True, "journaled-"), (False, "unjournaled-"))
+        }
+        for setup in setups.values():
+            os.link(state, setup.source_dir / "state.bin")
+        for number in range(args.rounds):
+            order = (True, False) if number % 2 == 0 else (False, True)
+            for journal in order:
+                os.sync()
+                runs[journal].append(
+                    vfmig_round(setups[journal], size, args.sim_checksum, state, work)
+                )
+            figures = ", ".join(
+                f"{'with' if j else 'without'} {runs[j][-1].cpu[0]:.2f}+{runs[j][-1].cpu[1]:.2f}"
+                for j in order
+            )
+            print(f"round {number + 1}: agents' CPU-s {figures}", file=out)
+    medians = {j: statistics.median(sum(run.cpu[:2]) for run in runs[j]) for j in runs}
+    print(
+        f"agents' CPU (median of source + destination): with their journals "
+        f"{medians[True]:.3f} s, without {medians[False]:.3f} s: the journals cost "
+        f"{(medians[True] / medians[False] - 1) * 100:+.1f} %",
+        file=out,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="512MiB", help="state size (default 512MiB)")
@@ -329,6 +370,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=CHECKSUMS,
         default="none",
         help="the simulated devices' stream checksum (default none: see above)",
+    )
+    parser.add_argument(
+        "--journal-cost",
+        action="store_true",
+        help="instead of the peer: rounds alternating between agents that journal their "
+        "runs and agents that do not (--no-journal); prints the agents' median CPU seconds "
+        "of each and the journals' share",
     )
     args = parser.parse_args(argv)
     size = parse_size(args.size)
@@ -349,6 +397,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"simulated devices with checksum={args.sim_checksum}",
             file=out,
         )
+        if args.journal_cost:
+            if without_engine:
+                raise BenchError(without_engine)
+            journal_cost(work, size, args, state, out)
+            return 0
         peer: list[Run] = []
         ours: list[Run] = []
         hwm: tuple[int, int] | None = None
