@@ -15,7 +15,7 @@ FORBIDDEN_EVERYWHERE = ("protocol", "tui")
 
 PURE = ("trio", "textual", "msgpack", "zstandard", "vfmig.device", "vfmig.engine", "vfmig.journal")
 SYNC = ("trio", "textual", "vfmig.engine", "vfmig.tui")
-TRIO_GLUE = ("recorder", "runs")
+TRIO_GLUE = ("recorder", "runs", "collect")
 
 
 def modules_of(package: str) -> list[str]:
@@ -35,7 +35,7 @@ CASES: dict[str, tuple[str, ...]] = {
     # Devices are synchronous: the engine runs them in worker threads.
     **dict.fromkeys(modules_of("vfmig.device"), SYNC),
     # The journal is read and written without trio; only the engine's glue is trio code:
-    # the bus recorder task and an agent's per-run journals.
+    # the bus recorder task, an agent's per-run journals, fetching the agents' journals.
     **{m: SYNC for m in modules_of("vfmig.journal") if m.rsplit(".", 1)[1] not in TRIO_GLUE},
     "vfmig.protocol": ("trio", "textual", "socket", "threading", "vfmig.core", "vfmig.engine"),
     **dict.fromkeys(modules_of("vfmig.engine"), ("textual", "vfmig.tui")),
