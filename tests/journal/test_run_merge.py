@@ -1,16 +1,24 @@
 """Merging a run's journal with its agents' own (what ``vfmig migrate`` does after a run with
-remote agents): offsets from the events both sides hold, copies replaced by originals."""
+remote agents): offsets from the events both sides hold, copies replaced by originals; and
+an agent's journal of a run as the ``journal`` RPC gets it (closed first, or a clear error)."""
 
 from __future__ import annotations
 
+import stat
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import trio
 
 from vfmig.core import events as ev
+from vfmig.core.model import destination
 from vfmig.journal import synthetic
-from vfmig.journal.codec import EventRecord, JournalHeader
+from vfmig.journal.codec import EventRecord, JournalError, JournalHeader
 from vfmig.journal.merge import AgentSide, merge_run
 from vfmig.journal.reader import JournalReader
+from vfmig.journal.runs import RunJournals
+from vfmig.journal.store import JournalStore
 from vfmig.journal.writer import JournalWriter
 
 if TYPE_CHECKING:
@@ -134,3 +142,43 @@ def test_without_shared_events_the_wall_clock_is_used(
     a = journal(tmp_path / "a.vfj", ha, [])
     report = merge_run(own, [AgentSide("hostA:1", a)], tmp_path / "m.vfj")
     assert (report.inputs[1].method, report.inputs[1].offset_ns) == ("wall clock", -4 * S)
+
+
+# --- an agent's journal of a run, as the journal RPC serves it ---------------------------------
+
+
+def _notice(run: str) -> dict[str, Any]:
+    from vfmig.engine import wire
+
+    event = ev.SwitchoverAcked(device=destination(0))
+    return wire.event_notice(run, event)
+
+
+@pytest.mark.trio
+async def test_an_agents_journal_is_closed_before_it_is_handed_over(tmp_path: Path) -> None:
+    journals = RunJournals(JournalStore(tmp_path), host="hostB")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journals.run)
+        await journals.notice("run-1", [(destination(0), "sim:b")], _notice("run-1"))
+        path = await journals.closed("run-1")
+        with JournalReader(path) as reader:
+            found = [e.event for e in reader.entries() if isinstance(e, EventRecord)]
+            assert reader.status.closed
+        assert found == [ev.SwitchoverAcked(device=destination(0))]
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        with pytest.raises(JournalError, match="no journal of run run-2: this agent journaled"):
+            await journals.closed("run-2")
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_journal_that_could_not_be_created_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    journals = RunJournals(JournalStore(blocker / "sub"), host="hostB")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journals.run)
+        await journals.notice("run-1", [(destination(0), "sim:b")], _notice("run-1"))
+        with pytest.raises(JournalError, match="no journal of run run-1: cannot create"):
+            await journals.closed("run-1")
+        nursery.cancel_scope.cancel()
