@@ -85,7 +85,10 @@ SESSIONS = {role: _record(role)[0] for role in (ORCH, SENDER)}
 
 
 def _feed(role: Role, pieces: list[bytes]) -> None:
-    """Feed ``pieces`` to a fresh peer like an engine would; only RemoteProtocolError."""
+    """Feed ``pieces`` to a fresh peer like an engine would; only RemoteProtocolError, and
+    one the connection raises leaves it in ERROR. A payload that does not decode is found
+    outside the connection (data frames carry no MAC: the stream digest covers them at the
+    end), so the connection cannot know it: the engine drops such a link itself."""
     peer = Connection(role, SMALL, name="b", nonce=b"b" * 32)
     decompressor = make_decompressor(LIMIT)
     granted = False
@@ -93,7 +96,10 @@ def _feed(role: Role, pieces: list[bytes]) -> None:
         for piece in [*pieces, b""]:
             for event in peer.receive_data(piece):
                 if isinstance(event, DataChunk):
-                    decode_chunk_payload(decompressor, event, LIMIT)
+                    try:
+                        decode_chunk_payload(decompressor, event, LIMIT)
+                    except RemoteProtocolError:
+                        return  # the engine aborts the stream and drops the link
             if role is RECEIVER and not granted and peer.state is ConnectionState.ESTABLISHED:
                 peer.send(Credit(stream=1, increment=1 << 20))
                 granted = True
