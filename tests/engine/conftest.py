@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import io
+import json
 import os
 import re
 import shutil
@@ -22,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
@@ -410,3 +411,17 @@ def certificates(tmp_path_factory: pytest.TempPathFactory, prerequisite: object)
     sign = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-extfile", "ext.cnf"]
     openssl("x509", "-req", "-in", "agent.csr", *sign, "-out", "agent.pem", "-days", "2")
     return Certificates(d / "ca.pem", d / "agent.pem", d / "agent.key")
+
+
+def _diagnose(path: Path) -> dict[str, Any]:
+    result = run_cli("journal", "diagnose", "--json", str(path))
+    envelope = json.loads(result.stdout)
+    assert envelope["ok"], envelope
+    diagnosis: dict[str, Any] = envelope["result"]
+    return diagnosis
+
+
+@pytest.fixture
+def diagnose() -> Callable[[Path], dict[str, Any]]:
+    """``diagnose(journal)``: what ``vfmig journal diagnose --json`` finds in it."""
+    return _diagnose

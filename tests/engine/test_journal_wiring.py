@@ -19,7 +19,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
@@ -56,14 +56,6 @@ def events_of(path: Path) -> list[ev.Event]:
     return [r.event for r in records(path)]
 
 
-def diagnose(cli: Any, path: Path) -> dict[str, Any]:
-    result = cli("journal", "diagnose", "--json", str(path))
-    envelope = json.loads(result.stdout)
-    assert envelope["ok"], envelope
-    diagnosis: dict[str, Any] = envelope["result"]
-    return diagnosis
-
-
 def sets_of(found: list[ev.Event], dev: object) -> list[int]:
     """The targets of every SET ioctl of ``dev``, in order."""
     return [
@@ -76,7 +68,7 @@ def sets_of(found: list[ev.Event], dev: object) -> list[int]:
 # --- a local run, journaled ------------------------------------------------------------------
 
 
-def test_a_local_run_is_journaled_whole(sims, cli, tmp_path: Path) -> None:
+def test_a_local_run_is_journaled_whole(sims, cli, diagnose, tmp_path: Path) -> None:
     src = sims.spec("a", size=3 * MIB)
     dst = sims.spec("b", size=3 * MIB, image=False, dump=True)
     path = tmp_path / "run.vfj"
@@ -135,7 +127,7 @@ def test_a_local_run_is_journaled_whole(sims, cli, tmp_path: Path) -> None:
     assert replay.status == 0
     assert "completed" in replay.stdout
     assert "RUNNING>PRE_COPY" in replay.stdout
-    diagnosis = diagnose(cli, path)
+    diagnosis = diagnose(path)
     assert diagnosis["cause"] == "completed"
 
 
@@ -198,7 +190,9 @@ FAILURES = {
 
 
 @pytest.mark.parametrize("case", sorted(FAILURES))
-def test_a_failed_run_is_diagnosed_from_its_journal(sims, cli, tmp_path: Path, case: str) -> None:
+def test_a_failed_run_is_diagnosed_from_its_journal(
+    sims, cli, diagnose, tmp_path: Path, case: str
+) -> None:
     src_opts, dst_opts, extra, (cause, device, code) = FAILURES[case]
     src = sims.spec("a", **src_opts)
     dst = sims.spec("b", image=False, **dst_opts)
@@ -206,7 +200,7 @@ def test_a_failed_run_is_diagnosed_from_its_journal(sims, cli, tmp_path: Path, c
     result = cli("migrate", "--journal", str(path), *extra, src, dst)
     assert result.status != 0
     assert cli("journal", "verify", str(path)).status == 0
-    diagnosis = diagnose(cli, path)
+    diagnosis = diagnose(path)
     assert diagnosis["cause"] == cause, diagnosis
     assert diagnosis["device"] == device
     if code is not None:
@@ -283,7 +277,7 @@ def _journals(directory: Path) -> list[Path]:
 
 
 def test_two_agents_journal_their_sides_and_merge(
-    agent_process, key_file, tmp_path: Path, cli, remote_sims
+    agent_process, key_file, tmp_path: Path, cli, diagnose, remote_sims
 ) -> None:
     dirs = {name: tmp_path / name for name in ("A", "B", "JA", "JB")}
     for d in dirs.values():
@@ -320,11 +314,11 @@ def test_two_agents_journal_their_sides_and_merge(
     inputs = json.loads(out.stdout)["result"]["inputs"]
     assert [i["method"] for i in inputs[1:]] == ["chunk pairs", "chunk pairs"]
     assert cli("journal", "verify", str(merged)).status == 0
-    assert diagnose(cli, merged)["cause"] == "completed"
+    assert diagnose(merged)["cause"] == "completed"
 
 
 def test_an_agent_killed_in_stop_copy_leaves_a_readable_journal(
-    agent_process, key_file, tmp_path: Path, cli, remote_sims
+    agent_process, key_file, tmp_path: Path, cli, diagnose, remote_sims
 ) -> None:
     dirs = {name: tmp_path / name for name in ("A", "B", "JA", "JB")}
     for d in dirs.values():
@@ -372,7 +366,7 @@ def test_an_agent_killed_in_stop_copy_leaves_a_readable_journal(
     assert [(e.host, e.devices, e.committed) for e in lost] == [
         (b.address, (destination(0),), False)
     ]
-    diagnosis = diagnose(cli, path)
+    diagnosis = diagnose(path)
     assert (diagnosis["cause"], diagnosis["outcome"]) == ("peer-lost", "peer-lost")
     assert any(b.address in line for line in diagnosis["evidence"])
     assert cli("replay", str(path)).status == 0

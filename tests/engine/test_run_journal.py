@@ -44,14 +44,6 @@ def records(path: Path) -> list[EventRecord]:
     return found
 
 
-def diagnose(cli: Any, path: Path) -> dict[str, Any]:
-    result = cli("journal", "diagnose", "--json", str(path))
-    envelope = json.loads(result.stdout)
-    assert envelope["ok"], envelope
-    diagnosis: dict[str, Any] = envelope["result"]
-    return diagnosis
-
-
 class Hosts:
     """Two agent processes (A for sources, B for destinations), each journaling into its
     own directory, and the simulated devices of each."""
@@ -80,7 +72,9 @@ def hosts(agent_process: Any, key_file: Path, tmp_path: Path, remote_sims: Any) 
     return make
 
 
-def test_a_remote_run_has_one_merged_journal(hosts: Any, cli: Any, tmp_path: Path) -> None:
+def test_a_remote_run_has_one_merged_journal(
+    hosts: Any, cli: Any, diagnose: Any, tmp_path: Path
+) -> None:
     h = hosts()
     src = h.a_sims.spec("a", size=4 * MIB, at=h.a.address)
     dst = h.b_sims.spec("b", size=4 * MIB, image=False, dump=True, at=h.b.address)
@@ -117,7 +111,7 @@ def test_a_remote_run_has_one_merged_journal(hosts: Any, cli: Any, tmp_path: Pat
 
     assert cli("journal", "verify", str(path)).status == 0
     assert cli("replay", str(path)).status == 0
-    assert diagnose(cli, path)["cause"] == "completed"
+    assert diagnose(path)["cause"] == "completed"
     assert h.b_sims.dump("b") == h.a_sims.image("a")
 
 
@@ -159,7 +153,7 @@ def test_journal_data_is_refused_at_open_by_an_agent_without_journal(
 
 
 def test_an_agent_without_journal_keeps_the_orchestrators_copies(
-    hosts: Any, cli: Any, tmp_path: Path
+    hosts: Any, cli: Any, diagnose: Any, tmp_path: Path
 ) -> None:
     h = hosts("--no-journal")
     src = h.a_sims.spec("a", size=MIB, at=h.a.address)
@@ -179,11 +173,11 @@ def test_an_agent_without_journal_keeps_the_orchestrators_copies(
     assert origins == {ORCHESTRATOR, h.a.address, h.b.address}
     a_events = [r.event for r in records(path) if r.origin == h.a.address]
     assert a_events == [r.event for r in records(h.own("JA"))]
-    assert diagnose(cli, path)["cause"] == "completed"
+    assert diagnose(path)["cause"] == "completed"
 
 
 def test_a_failed_remote_run_is_diagnosed_from_the_merged_journal(
-    hosts: Any, cli: Any, tmp_path: Path
+    hosts: Any, cli: Any, diagnose: Any, tmp_path: Path
 ) -> None:
     h = hosts()
     src = h.a_sims.spec("a", size=3 * MIB, at=h.a.address)
@@ -194,7 +188,7 @@ def test_a_failed_remote_run_is_diagnosed_from_the_merged_journal(
     with JournalReader(path) as reader:
         assert reader.header.role == "merged"
     assert cli("journal", "verify", str(path)).status == 0
-    diagnosis = diagnose(cli, path)
+    diagnosis = diagnose(path)
     assert (diagnosis["cause"], diagnosis["device"]) == ("write-refused", "dst0"), diagnosis
     assert diagnosis["errno"] == errno.ENOMEM
     assert diagnosis["step"].startswith("data write")
@@ -204,7 +198,7 @@ def test_a_failed_remote_run_is_diagnosed_from_the_merged_journal(
 
 @pytest.mark.parametrize("how", ["killed", "stopped"])
 def test_an_agent_gone_before_the_fetch_leaves_its_copies(
-    hosts: Any, cli: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+    hosts: Any, cli: Any, diagnose: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
     h = hosts()
     fetch = collect.Collector.__call__
@@ -233,7 +227,7 @@ def test_an_agent_gone_before_the_fetch_leaves_its_copies(
     origins = {r.origin for r in records(path) if isinstance(r.event, ev.IoctlCompleted)}
     assert origins == {h.a.address, h.b.address}  # B's as the orchestrator received them
     assert cli("journal", "verify", str(path)).status == 0
-    assert diagnose(cli, path)["cause"] == "completed"
+    assert diagnose(path)["cause"] == "completed"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

@@ -58,7 +58,7 @@ from vfmig.journal.reader import Damage, JournalReader
 from vfmig.journal.writer import JournalWriter
 
 if TYPE_CHECKING:
-    from collections.abc import Hashable, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
     from pathlib import Path
 
     from vfmig.core.events import Event
@@ -169,6 +169,67 @@ def _devices(headers: Sequence[JournalHeader]) -> tuple[DeviceInfo, ...]:
     return tuple(seen.values())
 
 
+#: A record on the reference clock: (time, input, seq, record); sorts by time, then input.
+_Entry = tuple[int, int, int, EventRecord | DataRecord]
+
+
+def _merged_header(
+    readers: Sequence[JournalReader], host: str, sources: Sequence[dict[str, Any]]
+) -> JournalHeader:
+    ref = readers[0].header
+    return JournalHeader(
+        host=host,
+        role="merged",
+        run_id=ref.run_id,
+        kernel=ref.kernel,
+        start_wall_ns=ref.start_wall_ns,
+        start_mono_ns=ref.start_mono_ns,
+        devices=_devices([r.header for r in readers]),
+        data=any(r.header.data for r in readers),
+        vfmig=__version__,
+        merged_from=tuple(sources),
+    )
+
+
+def _write(
+    output: Path,
+    header: JournalHeader,
+    streams: Sequence[Iterator[_Entry]],
+    origin: Callable[[int, EventRecord | DataRecord], str],
+    writer_options: dict[str, Any],
+) -> int:
+    """Write the records of ``streams`` in time order, each with ``origin(input, record)``."""
+    written = 0
+    with JournalWriter.create(output, header, **writer_options) as writer:
+        for at, i, _, entry in heapq.merge(*streams):
+            where = origin(i, entry)
+            if isinstance(entry, EventRecord):
+                writer.append(entry.event, at_ns=at, wall_ns=entry.wall_ns, origin=where)
+            else:
+                writer.append_data(entry.device, entry.offset, entry.data, at_ns=at, origin=where)
+            written += 1
+    return written
+
+
+def _reports(
+    readers: Sequence[JournalReader], offsets: Sequence[tuple[int, str, int]]
+) -> tuple[InputReport, ...]:
+    return tuple(
+        InputReport(
+            path=r.path,
+            host=r.header.host,
+            role=r.header.role,
+            offset_ns=off,
+            method=method,
+            pairs=pairs,
+            records=r.status.records,
+            damage=r.status.damage,
+            closed=r.status.closed,
+        )
+        for r, (off, method, pairs) in zip(readers, offsets, strict=True)
+    )
+
+
 def merge(paths: Sequence[Path], output: Path, *, host: str, **writer_options: Any) -> MergeReport:
     """Merge ``paths`` (the first is the reference clock) into a new journal ``output``."""
     if len(paths) < 2:
@@ -176,62 +237,29 @@ def merge(paths: Sequence[Path], output: Path, *, host: str, **writer_options: A
     readers = [JournalReader(p) for p in paths]
     try:
         offsets = [(0, "reference", 0)] + [_offset(readers[0], r) for r in readers[1:]]
-        ref = readers[0].header
-        header = JournalHeader(
-            host=host,
-            role="merged",
-            run_id=ref.run_id,
-            kernel=ref.kernel,
-            start_wall_ns=ref.start_wall_ns,
-            start_mono_ns=ref.start_mono_ns,
-            devices=_devices([r.header for r in readers]),
-            data=any(r.header.data for r in readers),
-            vfmig=__version__,
-            merged_from=tuple(
-                {
-                    "file": r.path.name,
-                    "host": r.header.host,
-                    "role": r.header.role,
-                    "run_id": r.header.run_id,
-                    "offset_ns": off,
-                    "method": method,
-                    "pairs": pairs,
-                }
-                for r, (off, method, pairs) in zip(readers, offsets, strict=True)
-            ),
-        )
+        sources = [
+            {
+                "file": r.path.name,
+                "host": r.header.host,
+                "role": r.header.role,
+                "run_id": r.header.run_id,
+                "offset_ns": off,
+                "method": method,
+                "pairs": pairs,
+            }
+            for r, (off, method, pairs) in zip(readers, offsets, strict=True)
+        ]
 
-        def shifted(i: int) -> Iterator[tuple[int, int, int, EventRecord | DataRecord]]:
+        def shifted(i: int) -> Iterator[_Entry]:
             off = offsets[i][0]
             for entry in readers[i].entries():
                 if isinstance(entry, EventRecord | DataRecord):
                     yield entry.at_ns + off, i, entry.seq, entry
 
-        written = 0
-        with JournalWriter.create(output, header, **writer_options) as writer:
-            for at, _, _, entry in heapq.merge(*(shifted(i) for i in range(len(readers)))):
-                if isinstance(entry, EventRecord):
-                    writer.append(entry.event, at_ns=at, wall_ns=entry.wall_ns, origin=entry.origin)
-                else:
-                    writer.append_data(
-                        entry.device, entry.offset, entry.data, at_ns=at, origin=entry.origin
-                    )
-                written += 1
-        inputs = tuple(
-            InputReport(
-                path=r.path,
-                host=r.header.host,
-                role=r.header.role,
-                offset_ns=off,
-                method=method,
-                pairs=pairs,
-                records=r.status.records,
-                damage=r.status.damage,
-                closed=r.status.closed,
-            )
-            for r, (off, method, pairs) in zip(readers, offsets, strict=True)
-        )
-        return MergeReport(output=output, inputs=inputs, records=written)
+        header = _merged_header(readers, host, sources)
+        streams = [shifted(i) for i in range(len(readers))]
+        written = _write(output, header, streams, lambda i, entry: entry.origin, writer_options)
+        return MergeReport(output=output, inputs=_reports(readers, offsets), records=written)
     finally:
         for r in readers:
             r.close()
@@ -444,23 +472,12 @@ def merge_run(
             for a in agents
             if a.path is None
         ]
-        header = JournalHeader(
-            host=ref.host,
-            role="merged",
-            run_id=ref.run_id,
-            kernel=ref.kernel,
-            start_wall_ns=ref.start_wall_ns,
-            start_mono_ns=ref.start_mono_ns,
-            devices=_devices([r.header for r in readers]),
-            data=any(r.header.data for r in readers),
-            vfmig=__version__,
-            merged_from=tuple(sources),
-        )
+        header = _merged_header(readers, ref.host, sources)
         replaced = {a.address for a in fetched}
         origins = [None, *(a.address for a in fetched)]
         copies = {a.address: 0 for a in agents if a.path is None}
 
-        def shifted(i: int) -> Iterator[tuple[int, int, int, EventRecord | DataRecord]]:
+        def shifted(i: int) -> Iterator[_Entry]:
             off = offsets[i][0]
             for entry in readers[i].entries():
                 if not isinstance(entry, EventRecord | DataRecord):
@@ -469,33 +486,15 @@ def merge_run(
                     continue  # the agent's own record of it comes from its journal
                 yield entry.at_ns + off, i, entry.seq, entry
 
-        written = 0
-        with JournalWriter.create(output, header, **writer_options) as writer:
-            for at, i, _, entry in heapq.merge(*(shifted(i) for i in range(len(readers)))):
-                origin = origins[i] or entry.origin
-                if origin in copies:
-                    copies[origin] += 1
-                if isinstance(entry, EventRecord):
-                    writer.append(entry.event, at_ns=at, wall_ns=entry.wall_ns, origin=origin)
-                else:
-                    writer.append_data(
-                        entry.device, entry.offset, entry.data, at_ns=at, origin=origin
-                    )
-                written += 1
-        inputs = tuple(
-            InputReport(
-                path=r.path,
-                host=r.header.host,
-                role=r.header.role,
-                offset_ns=off,
-                method=method,
-                pairs=pairs,
-                records=r.status.records,
-                damage=r.status.damage,
-                closed=r.status.closed,
-            )
-            for r, (off, method, pairs, _) in zip(readers, offsets, strict=True)
-        )
+        def origin(i: int, entry: EventRecord | DataRecord) -> str:
+            where = origins[i] or entry.origin
+            if where in copies:
+                copies[where] += 1
+            return where
+
+        streams = [shifted(i) for i in range(len(readers))]
+        written = _write(output, header, streams, origin, writer_options)
+        inputs = _reports(readers, [(off, method, pairs) for off, method, pairs, _ in offsets])
         return MergeReport(output=output, inputs=inputs, records=written, copies=copies)
     finally:
         for r in readers:
