@@ -308,11 +308,13 @@ def test_two_agents_journal_their_sides_and_merge(
     origins = {r.origin for r in records(path) if isinstance(r.event, ev.IoctlCompleted)}
     assert origins == {a.address, b.address}
 
+    # the agents' sides alone make the run's timeline (as when its orchestrator died)
     merged = tmp_path / "merged.vfj"
-    out = cli("journal", "merge", "--json", str(ja), str(jb), str(path), "-o", str(merged))
+    out = cli("journal", "merge", "--json", str(ja), str(jb), "-o", str(merged))
     assert out.status == 0, out.stdout + out.stderr
     inputs = json.loads(out.stdout)["result"]["inputs"]
-    assert [i["method"] for i in inputs[1:]] == ["chunk pairs", "chunk pairs"]
+    assert [i["method"] for i in inputs[1:]] == ["chunk pairs"]
+    assert len(records(merged)) == len(records(ja)) + len(records(jb))  # each once
     assert cli("journal", "verify", str(merged)).status == 0
     assert diagnose(merged)["cause"] == "completed"
 
