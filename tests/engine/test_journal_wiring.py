@@ -316,7 +316,8 @@ def test_two_agents_journal_their_sides_and_merge(
     assert [i["method"] for i in inputs[1:]] == ["chunk pairs"]
     assert len(records(merged)) == len(records(ja)) + len(records(jb))  # each once
     assert cli("journal", "verify", str(merged)).status == 0
-    assert diagnose(merged)["cause"] == "completed"
+    assert diagnose(merged)["cause"] == "unfinished"  # the end is the orchestrator's to record
+    assert diagnose(path)["cause"] == "completed"
 
 
 def test_an_agent_killed_in_stop_copy_leaves_a_readable_journal(
