@@ -864,6 +864,7 @@ class Agent:
                     f"{names}"
                     + ("; a restart of this agent asks again" if self.config.ledger else "")
                 )
+        await self._ledger_end(run, unsettled)  # the devices are where they stay
         for slot in slots:
             await self._flush_ioctls(slot)
             if self.config.ledger is not None:
@@ -871,7 +872,6 @@ class Agent:
             slot.owner = None
             await self._release(slot)
         run.owner = None
-        await self._ledger_end(run, unsettled)
         if self.config.journal is not None:
             await self.config.journal.end(run.id)
 
