@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 SRC = LedgerDevice("sim:a", "sim:a,state-dir=a", Role.SOURCE, ("src0",))
 DST = LedgerDevice("sim:b", "sim:b,state-dir=b", Role.DESTINATION, ("dst0",))
+DST2 = LedgerDevice("sim:c", "sim:c,state-dir=c", Role.DESTINATION, ("dst0",))
 
 
 async def test_changes_are_written_and_read_back(tmp_path: Path) -> None:
@@ -27,7 +28,7 @@ async def test_changes_are_written_and_read_back(tmp_path: Path) -> None:
     await ledger.open_device("r1", SRC)
     await ledger.open_device("r1", DST)
     await ledger.stopcopy("r1", "sim:a", "127.0.0.1:7301")
-    await ledger.open_device("r2", DST)
+    await ledger.open_device("r2", DST2)
     await ledger.verdict("r2", True)
     back = lg.load(path, logged.append)
     assert back.runs == {
@@ -37,7 +38,7 @@ async def test_changes_are_written_and_read_back(tmp_path: Path) -> None:
             ),
             DST,
         ),
-        "r2": (DST,),
+        "r2": (DST2,),
     }
     assert back.verdicts == {"r2": True}
     # released: the entry goes, the verdict stays; one device kept in doubt stays
@@ -133,3 +134,13 @@ async def test_a_ledger_that_cannot_be_written_is_logged_once(tmp_path: Path) ->
 def test_the_default_name_follows_the_listen_address(tmp_path: Path) -> None:
     assert lg.default_path(tmp_path, "127.0.0.1", 7300).name == "agent-127.0.0.1-7300.ledger"
     assert lg.default_path(tmp_path, "::1", 7300).name == "agent-__1-7300.ledger"
+
+
+async def test_a_device_opened_again_leaves_its_older_run(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "agent.ledger", print)
+    await ledger.open_device("old", SRC)
+    await ledger.open_device("old", DST)
+    await ledger.open_device("new", SRC)  # brought back by hand, then migrated again
+    assert lg.load(ledger.path, print).runs == {"old": (DST,), "new": (SRC,)}
+    await ledger.open_device("newer", DST)
+    assert lg.load(ledger.path, print).runs == {"new": (SRC,), "newer": (DST,)}

@@ -221,6 +221,16 @@ class Ledger:
         return self.state.verdicts.get(run)
 
     async def open_device(self, run: str, device: LedgerDevice) -> None:
+        """``device`` opened for ``run``. An older run's entry for the same device goes:
+        whoever brought it back (``vfmig recover``) settled that run's doubt for it."""
+        for other, devices in tuple(self.state.runs.items()):
+            kept = tuple(d for d in devices if d.handle != device.handle)
+            if other == run:
+                continue
+            if kept:
+                self.state.runs[other] = kept
+            else:
+                del self.state.runs[other]
         devices = tuple(d for d in self.state.runs.get(run, ()) if d.handle != device.handle)
         self.state.runs[run] = (*devices, device)
         await self._save()
