@@ -14,7 +14,8 @@ temporary file in the same directory, fsync, rename, fsync of the directory) in 
 thread at each change that matters:
 
 * a device opened for a run: the run id, the device spec as the agent resolved it (less
-  ``vf-token=``, which is a secret), its role and its ids;
+  ``vf-token=``, which is a secret), its role and its ids (an older run's entry for the
+  same device goes: whoever brought it back by hand settled that run for it);
 * a source entering stop-copy, with the destination agent's control address: from then on
   its stream may reach its end, so a destination may be prepared (written before the
   agent starts the stop-copy stream, so a crash can never lose it: the safe direction is
