@@ -1,6 +1,9 @@
 """An agent killed (kill -9) mid-run and restarted brings back the devices it was migrating,
 from its ledger, by the failure policy, and still answers ``status`` about its verdicts.
 
+Most tests use real agent processes; two use an Agent in this process that starts from a
+ledger the test wrote.
+
 Real ``vfmig agent`` processes on fixed loopback ports (a restarted agent must be found at
 the address its peer recorded), each with its own ``--state-file``; ``sim:`` devices with a
 ``state-dir`` so a device's state survives the process, read back from its simulated
@@ -13,6 +16,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -345,3 +349,23 @@ async def test_a_device_that_cannot_be_reopened_is_named_and_kept(
     assert line.startswith("sim:gone: source of run r1 cannot be reopened (")
     assert line.endswith("check it with vfmig recover sim:gone")
     assert load(path, print).runs == {"r1": (entry,)}
+
+
+def test_the_default_ledger_is_named_after_the_address_and_holds_no_secret(
+    agent_process: Any, key_file: Path, tmp_path: Path, cli: Any, journal_store: Path
+) -> None:
+    root = tmp_path / "A"
+    root.mkdir()
+    port = free_port()
+    agent = agent_process(key_file, root, "--listen", f"127.0.0.1:{port}")
+    src = f"sim:a,size=1MiB,state-dir=a@{agent.address}"
+    dst = f"sim:b,size=1MiB,state-dir=b@{agent.address}"
+    result = cli("migrate", "--key-file", str(key_file), src, dst)
+    assert result.status == 0, result.stdout + result.stderr
+    path = journal_store / f"agent-127.0.0.1-{port}.ledger"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    ledger = load(path, print)
+    assert ledger.runs == {}  # every device released
+    assert list(ledger.verdicts.values()) == [True]  # the run committed here
+    key_text = key_file.read_text().split()[-1]
+    assert key_text not in path.read_text()
