@@ -13,6 +13,10 @@ a fallback did) into ``--journal-dir`` (default: the journal store), one journal
 so a host that lost its orchestrator still has a record; ``--journal-data`` adds the
 streams it receives (``vfmig load`` re-drives them).
 
+It keeps a ledger of the runs it serves in ``--state-file`` (default: ``agent-HOST-PORT.ledger``
+beside the journal store), so that, restarted after a crash, it first brings back the
+devices it was migrating and still knows its commit verdicts (:mod:`vfmig.engine.ledger`).
+
 trio and the engine are imported only when the command runs.
 """
 
@@ -105,6 +109,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="N",
         help="keep the newest N journals of the directory (default 20)",
     )
+    parser.add_argument(
+        "--state-file",
+        type=Path,
+        metavar="PATH",
+        help="the ledger of the runs this agent serves, read back on restart (default: "
+        "agent-HOST-PORT.ledger in the journal store's directory; none with port 0)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -152,8 +163,9 @@ def run(args: argparse.Namespace, env: Environment) -> int:
     import trio
 
     from vfmig.engine.agent import AgentConfig
+    from vfmig.engine.ledger import Ledger, default_path
     from vfmig.journal.runs import RunJournals
-    from vfmig.journal.store import DEFAULT_KEEP, JournalStore
+    from vfmig.journal.store import DEFAULT_KEEP, JournalStore, default_dir
 
     def log(line: str) -> None:
         stamp = time.strftime("%H:%M:%S")
@@ -163,6 +175,11 @@ def run(args: argparse.Namespace, env: Environment) -> int:
     if not args.no_journal:
         store = JournalStore(args.journal_dir, keep=args.keep_journals or DEFAULT_KEEP)
         journals = RunJournals(store, host=socket.gethostname(), data=args.journal_data, log=log)
+    ledger = None
+    if args.state_file is not None or port != 0:
+        ledger = Ledger(args.state_file or default_path(default_dir(), host, port), log)
+    else:  # another address at each start: it would be shared, and nobody could ask it
+        log("no ledger (--listen port 0 without --state-file): a restart recovers nothing")
     config = AgentConfig(
         name=f"agent on {socket.gethostname()}",
         key=key,
@@ -173,6 +190,7 @@ def run(args: argparse.Namespace, env: Environment) -> int:
         client_ssl=client_tls,
         log=log,
         journal=journals,
+        ledger=ledger,
     )
     try:
         trio.run(_serve, config, journals, host, port)
@@ -194,6 +212,7 @@ async def _serve(config: AgentConfig, journals: RunJournals | None, host: str, p
             if journals is not None:
                 await nursery.start(journals.run)
             await nursery.start(agent.run)
+            await agent.recover()
             control, data = await nursery.start(serve_tcp, agent, host, port)
             shown = f"[{host}]" if ":" in host else host
             agent.log(f"listening on {shown}:{control} (data port {data}), pid {os.getpid()}")

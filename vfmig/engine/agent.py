@@ -36,8 +36,17 @@ each of that run's devices, from what it knows locally and reads back. The desti
 agent is the arbiter of the commit point: it runs its devices only if the Commit reached
 it, otherwise it resets them and records that it never will; a source's agent whose
 streams all ended asks the destination's agent (``status`` with the run id) and keeps its
-source stopped when nobody can tell (in doubt). Recorded verdicts are kept for the agent's
-lifetime.
+source stopped when nobody can tell (in doubt).
+
+**Restarting.** ``vfmig agent`` keeps a durable ledger (:mod:`vfmig.engine.ledger`) of the
+devices each run holds here, of a source's entry into stop-copy and of its verdicts (the
+destination's agent writes COMMITTED before it answers the Commit). Started again after a
+crash, the agent reopens every device the ledger names before it serves anyone
+(:meth:`Agent.recover`), then falls back for each run exactly as after losing its
+orchestrator, with what the ledger knows: a device it had touched may be anywhere; a source
+that may have sent its whole stream asks the destination's agent, and one still in doubt
+stays in STOP and stays in the ledger, so the next restart asks again. ``status`` answers
+from the ledger's verdicts.
 """
 
 from __future__ import annotations
@@ -74,6 +83,7 @@ from vfmig.core.model import (
     DeviceId,
     Emit,
     Finish,
+    Outcome,
     RecordVerdict,
     Reset,
     Role,
@@ -84,6 +94,7 @@ from vfmig.core.phases import AgentKnowledge, DeviceKnowledge, PeerAnswer, agent
 from vfmig.core.spec import parse_spec
 from vfmig.device.open import open_device
 from vfmig.engine import wire
+from vfmig.engine.ledger import LedgerDevice, public_spec
 from vfmig.engine.link import (
     INPROC,
     Link,
@@ -122,6 +133,7 @@ if TYPE_CHECKING:
     from vfmig.core.events import Event as RunEvent
     from vfmig.core.spec import DeviceSpec
     from vfmig.device.backend import MigrationDevice, PrecopyInfo
+    from vfmig.engine.ledger import Ledger
     from vfmig.engine.worker import Executor
     from vfmig.journal.runs import AgentJournal
     from vfmig.protocol import Event, Value
@@ -151,6 +163,7 @@ ASK_PEER_FOR: Final = 10.0
 ASK_PEER_EVERY: Final = 0.2
 #: Fallback rounds per run: each round is one step per device; a few always suffice.
 MAX_FALLBACK_ROUNDS: Final = 16
+_ROLE_NAMES: Final = {Role.SOURCE: "source", Role.DESTINATION: "destination"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -178,6 +191,8 @@ class AgentConfig:
     log: Callable[[str], None] = lambda line: None
     #: This agent's own journals of the runs it serves (``vfmig agent --journal-dir``).
     journal: AgentJournal | None = None
+    #: The durable record of the runs it serves (``vfmig agent --state-file``).
+    ledger: Ledger | None = None
 
 
 # --- state ------------------------------------------------------------------------------------
@@ -454,7 +469,7 @@ class Agent:
             session.subscribed = True
             return None
         if method == "commit":
-            return self._commit(session, _param(params, "run", str))
+            return await self._commit(session, _param(params, "run", str))
         if method == "journal":
             return await self._journal_part(session, params)
         handler = _DEVICE_METHODS.get(method)
@@ -535,6 +550,9 @@ class Agent:
             self.slots[handle] = slot
             run.slots.append(slot)
             self.log(f"opened {handle} as {dev_id} of run {run_id}")
+            if self.config.ledger is not None:
+                entry = LedgerDevice(handle, public_spec(spec), dev_id.role, (str(dev_id),))
+                await self.config.ledger.open_device(run_id, entry)
         worker = slot.worker
         state = await worker.get_state()
         started = trio.current_time()
@@ -572,6 +590,7 @@ class Agent:
             if not run.committed and run.verdict is None:
                 run.verdict = False  # closed without a Commit: final, never started here
             self.log(f"run {run.id} ended ({run.answer().value})")
+            await self._ledger_end(run, set())
             if self.config.journal is not None:
                 await self.config.journal.end(run.id)
         return None
@@ -654,6 +673,7 @@ class Agent:
             raise _AgentError(Code.BAD_PARAMS, "phase must be precopy or stopcopy") from None
         sender = slot.sender
         if sender is not None and sender.stream == stream:
+            await self._ledger_stopcopy(slot, phase)
             sender.switch(phase)
             return None
         peer = _param(params, "peer", str)
@@ -664,6 +684,7 @@ class Agent:
         peer_control = params.get("peer_control")
         slot.peer_control = peer_control if isinstance(peer_control, str) else None
         slot.stream_complete = False
+        await self._ledger_stopcopy(slot, phase)
         sender = Sender(self, slot, stream, peer, ticket, phase, level)
         slot.sender = sender
         self.nursery.start_soon(sender.run)
@@ -682,7 +703,20 @@ class Agent:
         if slot.receiver is not None:
             await slot.receiver.stop()
 
-    def _commit(self, session: ControlSession, run_id: str) -> Value:
+    async def _ledger_stopcopy(self, slot: Slot, phase: StreamPhase) -> None:
+        """Before a stop-copy stream starts: from now on it may reach its end."""
+        ledger = self.config.ledger
+        if ledger is not None and phase is StreamPhase.STOPCOPY and slot.run is not None:
+            await ledger.stopcopy(slot.run.id, slot.handle, slot.peer_control)
+
+    async def _ledger_end(self, run: Run, keep: set[str]) -> None:
+        """The run's devices released but ``keep``; its verdict, if it has one, recorded."""
+        if self.config.ledger is not None:
+            answer = run.answer()
+            verdict = None if answer is Verdict.UNDECIDED else answer is Verdict.COMMITTED
+            await self.config.ledger.keep_only(run.id, keep, verdict)
+
+    async def _commit(self, session: ControlSession, run_id: str) -> Value:
         run = self.runs.get(run_id)
         if run is None or run.owner is not session:
             raise _AgentError(Code.UNKNOWN_DEVICE, f"run {run_id} holds no device here")
@@ -690,6 +724,8 @@ class Agent:
             raise _AgentError(
                 Code.DECIDED, f"run {run_id} was already rolled back here: it never starts"
             )
+        if self.config.ledger is not None:  # durable before the answer
+            await self.config.ledger.verdict(run_id, True)
         run.committed = True
         self.log(f"run {run_id} committed")
         return None
@@ -799,30 +835,58 @@ class Agent:
         finally:
             done.set()
 
-    async def _fall_back(self, run: Run) -> None:
+    async def _fall_back(self, run: Run, keep: frozenset[str] = frozenset()) -> None:
+        """The fallback proper; ``keep``: devices the ledger keeps whatever happens (a
+        restarted agent could not reopen them)."""
         slots = [s for s in run.slots if self.slots.get(s.handle) is s]
         for slot in slots:
             await self._stop_streams(slot)
         destinations = [s for s in slots if s.device_id.role is Role.DESTINATION]
         sources = [s for s in slots if s.device_id.role is Role.SOURCE]
+        unsettled: set[str] = set(keep)
         if destinations:
-            await self._fallback_group(run, Role.DESTINATION, destinations, None)
+            outcome = await self._fallback_group(run, Role.DESTINATION, destinations, None)
+            if outcome is None:
+                unsettled.update(s.handle for s in destinations)
         by_peer: dict[str | None, list[Slot]] = defaultdict(list)
         for slot in sources:
             by_peer[slot.peer_control].append(slot)
         for peer, group in by_peer.items():
-            await self._fallback_group(run, Role.SOURCE, group, peer)
+            outcome = await self._fallback_group(run, Role.SOURCE, group, peer)
+            if outcome is None or outcome is Outcome.IN_DOUBT:
+                unsettled.update(s.handle for s in group)
+            if outcome is Outcome.IN_DOUBT:
+                names = " ".join(s.handle for s in group)
+                self.log(
+                    f"run {run.id} IN DOUBT: {names} kept in STOP: the destination's agent "
+                    f"({peer or 'unknown'}) cannot tell whether the run committed; once you "
+                    f"know the destination does not run, bring it back with: vfmig recover "
+                    f"{names}"
+                    + ("; a restart of this agent asks again" if self.config.ledger else "")
+                )
+        await self._ledger_end(run, unsettled)  # the devices are where they stay
         for slot in slots:
             await self._flush_ioctls(slot)
+            if self.config.ledger is not None:
+                await self._log_left(run, slot)
             slot.owner = None
             await self._release(slot)
         run.owner = None
         if self.config.journal is not None:
             await self.config.journal.end(run.id)
 
+    async def _log_left(self, run: Run, slot: Slot) -> None:
+        try:
+            state = (await slot.worker.get_state()).name
+        except VfmigError as exc:
+            state = f"an unreadable state ({exc})"
+        role = _ROLE_NAMES[slot.device_id.role]
+        self.log(f"{slot.handle}: {role} of run {run.id} left in {state}")
+
     async def _fallback_group(
         self, run: Run, role: Role, slots: list[Slot], peer: str | None
-    ) -> None:
+    ) -> Outcome | None:
+        """Apply the failure policy to ``slots``; the outcome (None: it did not settle)."""
         answer = PeerAnswer.NOT_ASKED
         for _ in range(MAX_FALLBACK_ROUNDS):
             live = [s for s in slots if s.worker.hung is None]
@@ -863,6 +927,8 @@ class Agent:
                     self.log(f"run {run.id}: the destination's agent says {answer.value}")
                 elif isinstance(action, RecordVerdict):
                     run.verdict = action.committed
+                    if self.config.ledger is not None:
+                        await self.config.ledger.verdict(run.id, action.committed)
                 elif isinstance(action, Emit):
                     event = action.event
                     await self._journal_fallback(run, slots, event)
@@ -870,8 +936,9 @@ class Agent:
                         text = event.summary if isinstance(event, RunFinished) else event.message
                         self.log(f"run {run.id}: {text}")
                 elif isinstance(action, Finish):
-                    return
+                    return action.outcome
         self.log(f"run {run.id}: the fallback did not settle; devices left as they are")
+        return None
 
     async def _knowledge(self, slot: Slot) -> DeviceKnowledge:
         try:
@@ -923,6 +990,63 @@ class Agent:
             return await with_link(link, ignore, ask)
         except (VfmigError, wire.WireError):
             return None
+
+    # --- restarting ---------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """On start, before serving: reopen the devices the ledger says runs held here, and
+        bring them back by the failure policy in the background (a source may wait for its
+        destination's agent, which may be restarting too and must be able to answer)."""
+        ledger = self.config.ledger
+        if ledger is None:
+            return
+        for run_id, committed in ledger.state.verdicts.items():
+            self.runs[run_id] = Run(run_id, None, committed=committed, verdict=committed)
+        for run_id, devices in tuple(ledger.state.runs.items()):
+            run = self.runs.setdefault(run_id, Run(run_id, None))
+            unopened: set[str] = set()
+            for entry in devices:
+                if not await self._reopen(run, entry):
+                    unopened.add(entry.handle)
+            self.nursery.start_soon(self._recover_run, run, frozenset(unopened))
+
+    async def _reopen(self, run: Run, entry: LedgerDevice) -> bool:
+        step_timeout = self.config.step_timeout
+        try:
+            spec = parse_spec(entry.spec)
+            ids = [_device_id(i) for i in entry.ids]
+            device = await _open_in_thread(spec, self.config.sim_dir, step_timeout)
+        except VfmigError as exc:
+            self.log(
+                f"{entry.handle}: {_ROLE_NAMES[entry.role]} of run {run.id} cannot be reopened "
+                f"({exc}); left as it is, kept in the ledger: check it with vfmig recover "
+                f"{entry.handle}"
+            )
+            return False
+        worker = DeviceWorker(
+            device, label=entry.handle, step_timeout=step_timeout, executor=self.config.executor
+        )
+        identity = f"{entry.handle}@{self.identity}"
+        slot = Slot(entry.handle, spec, worker, identity, None, run, ids, touched=True)
+        slot.peer_control = entry.peer_control
+        slot.stream_complete = entry.stopcopy
+        device.observer = partial(_observe, slot)
+        self.slots[entry.handle] = slot
+        run.slots.append(slot)
+        try:
+            state = (await worker.get_state()).name
+        except VfmigError as exc:
+            state = f"an unreadable state ({exc})"
+        self.log(f"{entry.handle}: {_ROLE_NAMES[entry.role]} of run {run.id} reopened in {state}")
+        return True
+
+    async def _recover_run(self, run: Run, unopened: frozenset[str]) -> None:
+        self.log(f"run {run.id}: recovering its devices after a restart")
+        done = self._fallbacks[run.id] = trio.Event()
+        try:
+            await self._fall_back(run, unopened)
+        finally:
+            done.set()
 
     # --- shutting down ------------------------------------------------------------------------
 
