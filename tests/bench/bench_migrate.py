@@ -213,6 +213,7 @@ def agents(work: Path, name: str = "", *, journal: bool = True) -> Iterator[Agen
             log = open(work / f"{name}{role}-agent.log", "wb")  # noqa: SIM115 -- the agent holds it
             command = [str(VFMIG), "agent", "--listen", f"127.0.0.1:{port}"]
             command += ["--key-file", str(key), "--sim-dir", str(directory)]
+            command += ["--state-file", str(work / f"{name}{role}-agent.ledger")]
             if journal:
                 command += ["--journal-dir", str(work / f"{name}{role}-journals")]
             else:
