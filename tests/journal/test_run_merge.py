@@ -5,6 +5,7 @@ an agent's journal of a run as the ``journal`` RPC gets it (closed first, or a c
 from __future__ import annotations
 
 import stat
+import threading
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +14,7 @@ import trio
 
 from vfmig.core import events as ev
 from vfmig.core.model import destination
-from vfmig.journal import synthetic
+from vfmig.journal import runs, synthetic
 from vfmig.journal.codec import EventRecord, JournalError, JournalHeader
 from vfmig.journal.merge import AgentSide, merge_run
 from vfmig.journal.reader import JournalReader
@@ -182,3 +183,47 @@ async def test_a_journal_that_could_not_be_created_is_a_clear_error(tmp_path: Pa
         with pytest.raises(JournalError, match="no journal of run run-1: cannot create"):
             await journals.closed("run-1")
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_slow_disk_holds_the_agent_back_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()  # the disk is stuck until the queue has filled
+    sizes: list[int] = []
+    original = runs.write_batch
+
+    def stuck(writer: JournalWriter, batch: list[Any]) -> None:
+        sizes.append(len(batch))
+        gate.wait(10)
+        original(writer, batch)
+
+    monkeypatch.setattr(runs, "write_batch", stuck)
+    journals = RunJournals(JournalStore(tmp_path), host="hostB")
+    count = 3 * runs.QUEUE
+    async with trio.open_nursery() as nursery:
+        await nursery.start(journals.run)
+        sent = 0
+        finished = trio.Event()
+
+        async def notify() -> None:
+            nonlocal sent
+            for seq in range(count):
+                event = ev.ChunkReceived(
+                    device=destination(0), seq=seq, offset=seq, raw=1, wire=1, final=False
+                )
+                await journals.notice("run-1", [(destination(0), "sim:b")], {"event": 1}, event)
+                sent += 1
+            finished.set()
+
+        nursery.start_soon(notify)
+        await trio.sleep(0.5)
+        assert sent < 2 * runs.QUEUE  # held back: at most one queue waits, one is written
+        gate.set()
+        await finished.wait()
+        path = await journals.closed("run-1")
+        nursery.cancel_scope.cancel()
+    with JournalReader(path) as reader:
+        seqs = [e.event.seq for e in reader.entries() if isinstance(e, EventRecord)]
+    assert seqs == list(range(count))
+    assert max(sizes) <= runs.QUEUE

@@ -89,7 +89,8 @@ def bus_clock() -> Callable[[], int]:
     return now
 
 
-def _write(writer: JournalWriter, batch: list[Record]) -> None:
+def write_batch(writer: JournalWriter, batch: list[Record]) -> None:
+    """Append ``batch`` (in a worker thread), closing the frame if it has aged."""
     for r in batch:
         writer.append(r.event, at_ns=r.at_ns, origin=r.origin)
     writer.maybe_flush()
@@ -143,14 +144,14 @@ async def record(
                 first_at = trio.current_time()
             due = first_at is not None and trio.current_time() - first_at >= BATCH_INTERVAL
             if not items or due or len(batch) >= BATCH_RECORDS or _durable(batch[-1]):
-                await trio.to_thread.run_sync(_write, writer, batch)
+                await trio.to_thread.run_sync(write_batch, writer, batch)
                 if written is not None and batch:
                     written.advance(batch[-1].seq)
                 batch, first_at = [], None
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
             pending, batch = batch, []
-            await trio.to_thread.run_sync(_finish, writer, pending, last_at_ns)
+            await trio.to_thread.run_sync(finish_journal, writer, pending, last_at_ns)
             if written is not None and pending:
                 written.advance(pending[-1].seq)
         if written is not None:
@@ -161,8 +162,9 @@ def _durable(item: Record | Lagged) -> bool:
     return isinstance(item, Record) and isinstance(item.event, DURABLE)
 
 
-def _finish(writer: JournalWriter, batch: list[Record], last_at_ns: int | None) -> None:
+def finish_journal(writer: JournalWriter, batch: list[Record], last_at_ns: int | None) -> None:
+    """Append the last ``batch`` and close the journal (in a worker thread)."""
     try:
-        _write(writer, batch)
+        write_batch(writer, batch)
     finally:
         writer.close(at_ns=last_at_ns)
