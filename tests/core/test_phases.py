@@ -1345,6 +1345,20 @@ def test_agent_fallback_in_doubt_and_stuck_are_reported() -> None:
     assert causes == ["in-doubt", "park-failed"]
 
 
+@pytest.mark.parametrize(
+    ("restarted", "why"), [(False, "the orchestrator was lost"), (True, "the agent restarted")]
+)
+def test_agent_fallback_says_why_the_agent_finished_alone(restarted: bool, why: str) -> None:
+    d = DeviceKnowledge(dev=D0, flags=ALL, state=_S.RUNNING, touched=True, reset_done=True)
+    k = AgentKnowledge(role=Role.DESTINATION, devices=(d,), committed=False, restarted=restarted)
+    finished = [
+        a.event
+        for a in agent_fallback(k)
+        if isinstance(a, Emit) and isinstance(a.event, RunFinished)
+    ]
+    assert [f.summary for f in finished] == [f"peer-lost: {why}; dst agent finished alone"]
+
+
 def test_agent_fallback_failed_start_keeps_the_destination_stopped() -> None:
     d = DeviceKnowledge(dev=D0, flags=ALL, state=_S.STOP, touched=True, failed=True)
     k = AgentKnowledge(role=Role.DESTINATION, devices=(d,), committed=True)

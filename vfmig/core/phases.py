@@ -1173,6 +1173,8 @@ class AgentKnowledge:
     peer: PeerAnswer = PeerAnswer.NOT_ASKED
     phase: Phase = Phase.ROLLBACK  #: the last phase the agent heard of, for its reports
     step_timeout_ns: int = 30 * NS_PER_S
+    #: the agent restarted and found the run in its ledger (else it lost the orchestrator)
+    restarted: bool = False
 
 
 def agent_fallback(k: AgentKnowledge) -> list[Action]:
@@ -1299,6 +1301,7 @@ def _fallback_finish(
                 hint=known.hint,
             )
         )
-    summary = f"{outcome.value}: the orchestrator was lost; {k.role.value} agent finished alone"
+    why = "the agent restarted" if k.restarted else "the orchestrator was lost"
+    summary = f"{outcome.value}: {why}; {k.role.value} agent finished alone"
     finished = RunFinished(outcome=outcome, exit_status=int(outcome.exit_status), summary=summary)
     return [*(Emit(event=e) for e in errors), Emit(event=finished), Finish(outcome=outcome)]

@@ -250,6 +250,8 @@ class Run:
     committed: bool = False
     #: Recorded by a rollback or a fallback: False is final, the run never starts here.
     verdict: bool | None = None
+    #: Found in the ledger when this agent started: what it does is a restart's recovery.
+    restored: bool = False
 
     def answer(self) -> Verdict:
         if self.committed:
@@ -897,6 +899,7 @@ class Agent:
                 stream_complete=bool(live) and all(s.stream_complete for s in live),
                 peer=answer,
                 step_timeout_ns=int(self.config.step_timeout * 1e9),
+                restarted=run.restored,
             )
             by_id = {s.device_id: s for s in live}
             for action in agent_fallback(knowledge):
@@ -1004,6 +1007,7 @@ class Agent:
             self.runs[run_id] = Run(run_id, None, committed=committed, verdict=committed)
         for run_id, devices in tuple(ledger.state.runs.items()):
             run = self.runs.setdefault(run_id, Run(run_id, None))
+            run.restored = True
             unopened: set[str] = set()
             for entry in devices:
                 if not await self._reopen(run, entry):
