@@ -1357,6 +1357,13 @@ def test_agent_fallback_says_why_the_agent_finished_alone(restarted: bool, why: 
         if isinstance(a, Emit) and isinstance(a.event, RunFinished)
     ]
     assert [f.summary for f in finished] == [f"peer-lost: {why}; dst agent finished alone"]
+    (lost,) = [
+        a.event.message
+        for a in agent_fallback(k)
+        if isinstance(a, Emit) and isinstance(a.event, ErrorRaised)
+    ]
+    said = "restarted in the middle of the run" if restarted else "lost contact with the orch"
+    assert said in lost
 
 
 def test_agent_fallback_failed_start_keeps_the_destination_stopped() -> None:

@@ -1276,6 +1276,13 @@ def _fallback_finish(
             )
     if cause is not None:
         known = CAUSES[cause]
+        message = f"{known.explanation} (the orchestrator)"
+        if cause is Cause.PEER_LOST:  # the cause's wording is the orchestrator's side of it
+            message = (
+                "this agent restarted in the middle of the run"
+                if k.restarted
+                else "this agent lost contact with the orchestrator"
+            ) + "; it brought its own devices back by the failure policy"
         errors.append(
             ErrorRaised(
                 device=None,
@@ -1283,7 +1290,7 @@ def _fallback_finish(
                 step="orchestrator link",
                 errno=None,
                 cause=cause,
-                message=f"{known.explanation} (the orchestrator)",
+                message=message,
                 hint=known.hint,
             )
         )
