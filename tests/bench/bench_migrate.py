@@ -154,19 +154,35 @@ def tail(path: Path, lines: int = 5) -> str:
 # --- the peer: zstd | socat --------------------------------------------------------------
 
 
-def peer_round(state: Path, received: Path, logs: Path) -> Run:
+#: ``--pin``: the CPU of the sending side (source agent, ``vfmig migrate``, ``zstd | socat``)
+#: and of the receiving side (destination agent, ``socat | zstd -d``), as two hosts would be.
+Pin = tuple[int, int] | None
+
+
+def pinned(command: list[str], pin: Pin, sending: bool) -> list[str]:
+    """``command`` run on its side's CPU (``taskset -c``), or as it is without ``pin``."""
+    if pin is None:
+        return command
+    return ["taskset", "-c", str(pin[0] if sending else pin[1]), *command]
+
+
+def peer_round(state: Path, received: Path, logs: Path, pin: Pin = None) -> Run:
     port = free_port()
     log = open(logs / "peer.log", "wb")  # noqa: SIM115 -- closed below
     started: list[subprocess.Popen[bytes]] = []
     try:
         receive = f"socat -u -b 1048576 TCP-LISTEN:{port},reuseaddr,bind=127.0.0.1 - "
         receive += f"| zstd -d -q -f -o '{received}'"
-        receiver = subprocess.Popen(["sh", "-c", receive], stdout=subprocess.DEVNULL, stderr=log)
+        receiver = subprocess.Popen(
+            pinned(["sh", "-c", receive], pin, sending=False), stdout=subprocess.DEVNULL, stderr=log
+        )
         started.append(receiver)
         wait_listening(port, receiver, "the peer's receiving socat")
         send = f"zstd -1 -T1 -q -c '{state}' | socat -u -b 1048576 - TCP:127.0.0.1:{port}"
         start = time.perf_counter()
-        sender = subprocess.Popen(["sh", "-c", send], stdout=subprocess.DEVNULL, stderr=log)
+        sender = subprocess.Popen(
+            pinned(["sh", "-c", send], pin, sending=True), stdout=subprocess.DEVNULL, stderr=log
+        )
         started.append(sender)
         sent = wait_measured(sender, "the peer's sending zstd | socat")
         done = wait_measured(receiver, "the peer's receiving socat | zstd -d")
@@ -197,7 +213,9 @@ class Agents:
 
 
 @contextlib.contextmanager
-def agents(work: Path, name: str = "", *, journal: bool = True) -> Iterator[Agents]:
+def agents(
+    work: Path, name: str = "", *, journal: bool = True, pin: Pin = None
+) -> Iterator[Agents]:
     """A source and a destination agent (``name`` prefixes their files), each journaling
     its runs into a directory of its own unless ``journal`` is off (``--no-journal``)."""
     key = work / "vfmig.key"
@@ -218,6 +236,7 @@ def agents(work: Path, name: str = "", *, journal: bool = True) -> Iterator[Agen
                 command += ["--journal-dir", str(work / f"{name}{role}-journals")]
             else:
                 command += ["--no-journal"]
+            command = pinned(command, pin, sending=role == "source")
             processes.append(subprocess.Popen(command, stdout=log, stderr=log, env=VFMIG_ENV))
             log.close()
             wait_listening(port, processes[-1], f"the {role} agent")
@@ -233,7 +252,9 @@ def agents(work: Path, name: str = "", *, journal: bool = True) -> Iterator[Agen
                 process.wait()
 
 
-def vfmig_round(setup: Agents, size: int, checksum: str, state: Path, logs: Path) -> Run:
+def vfmig_round(
+    setup: Agents, size: int, checksum: str, state: Path, logs: Path, pin: Pin = None
+) -> Run:
     dump = setup.destination_dir / "dump.bin"
     command = [
         str(VFMIG),
@@ -249,7 +270,9 @@ def vfmig_round(setup: Agents, size: int, checksum: str, state: Path, logs: Path
     agents_before = [cpu_seconds(process.pid) for process in setup.processes]
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=VFMIG_ENV)
+        process = subprocess.Popen(
+            pinned(command, pin, sending=True), stdout=stdout, stderr=stderr, env=VFMIG_ENV
+        )
         try:
             done = wait_measured(process, "vfmig migrate")
         except BenchError as exc:
@@ -384,6 +407,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the simulated devices' stream checksum (default none: see above)",
     )
     parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="one CPU per side, as two hosts would be: the source agent, vfmig migrate and "
+        "the sending zstd|socat on the first, the destination agent and the receiving "
+        "socat|zstd on the second",
+    )
+    parser.add_argument(
         "--journal-cost",
         action="store_true",
         help="instead of the peer: rounds alternating between agents that journal their "
@@ -392,6 +422,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     size = parse_size(args.size)
+    pin: Pin = None
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2 or shutil.which("taskset") is None:
+            raise BenchError("--pin needs two CPUs and taskset (util-linux)")
+        pin = (cpus[0], cpus[1])
     missing = [tool for tool in ("socat", "zstd") if shutil.which(tool) is None]
     if missing:
         raise BenchError(f"missing {' and '.join(missing)}: apt-get install {' '.join(missing)}")
@@ -406,7 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"state: {size / MiB:.0f} MiB {args.content} (seed {args.seed}); zstd -1 makes it "
             f"{wire / MiB:.1f} MiB ({size / wire:.2f}x); {args.rounds} rounds per side; "
-            f"simulated devices with checksum={args.sim_checksum}",
+            f"simulated devices with checksum={args.sim_checksum}"
+            + (f"; sending side on CPU {pin[0]}, receiving side on CPU {pin[1]}" if pin else ""),
             file=out,
         )
         if args.journal_cost:
@@ -418,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ours: list[Run] = []
         hwm: tuple[int, int] | None = None
         with contextlib.ExitStack() as stack:
-            setup = None if without_engine else stack.enter_context(agents(work))
+            setup = None if without_engine else stack.enter_context(agents(work, pin=pin))
             if setup is not None:  # the source device reads the peer's file (no copy)
                 os.link(state, setup.source_dir / "state.bin")
             for number in range(args.rounds):
@@ -428,10 +465,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     # Neither side pays for writing back the other's (or the state's) file.
                     os.sync()
                     if side == "peer":
-                        peer.append(peer_round(state, work / "received.bin", work))
+                        peer.append(peer_round(state, work / "received.bin", work, pin))
                         figures.append(f"zstd|socat {peer[-1].seconds:6.2f} s")
                     elif setup is not None:
-                        ours.append(vfmig_round(setup, size, args.sim_checksum, state, work))
+                        ours.append(vfmig_round(setup, size, args.sim_checksum, state, work, pin))
                         run = ours[-1].run_seconds
                         inner = f" (run {run:.2f} s)" if run is not None else ""
                         figures.append(f"vfmig {ours[-1].seconds:6.2f} s{inner}")
