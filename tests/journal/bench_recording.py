@@ -86,7 +86,6 @@ def recording_path(events: int) -> float:
 
     from vfmig.core.events import ChunkReceived
     from vfmig.core.model import destination
-    from vfmig.engine import wire
     from vfmig.journal.runs import RunJournals
     from vfmig.journal.store import JournalStore
 
@@ -96,16 +95,8 @@ def recording_path(events: int) -> float:
         journals = RunJournals(JournalStore(directory), host="bench")
         devices = [(destination(0), "sim:b")]
         notices = [
-            wire.event_notice(
-                "run",
-                ChunkReceived(
-                    device=destination(0),
-                    seq=i,
-                    offset=i * MiB,
-                    raw=MiB,
-                    wire=MiB // 3,
-                    final=False,
-                ),
+            ChunkReceived(
+                device=destination(0), seq=i, offset=i * MiB, raw=MiB, wire=MiB // 3, final=False
             )
             for i in range(events + 1)
         ]

@@ -148,11 +148,7 @@ def test_without_shared_events_the_wall_clock_is_used(
 # --- an agent's journal of a run, as the journal RPC serves it ---------------------------------
 
 
-def _notice(run: str) -> dict[str, Any]:
-    from vfmig.engine import wire
-
-    event = ev.SwitchoverAcked(device=destination(0))
-    return wire.event_notice(run, event)
+ACKED = ev.SwitchoverAcked(device=destination(0))
 
 
 @pytest.mark.trio
@@ -160,7 +156,7 @@ async def test_an_agents_journal_is_closed_before_it_is_handed_over(tmp_path: Pa
     journals = RunJournals(JournalStore(tmp_path), host="hostB")
     async with trio.open_nursery() as nursery:
         await nursery.start(journals.run)
-        await journals.notice("run-1", [(destination(0), "sim:b")], _notice("run-1"))
+        await journals.notice("run-1", [(destination(0), "sim:b")], ACKED)
         path = await journals.closed("run-1")
         with JournalReader(path) as reader:
             found = [e.event for e in reader.entries() if isinstance(e, EventRecord)]
@@ -179,7 +175,7 @@ async def test_a_journal_that_could_not_be_created_is_a_clear_error(tmp_path: Pa
     journals = RunJournals(JournalStore(blocker / "sub"), host="hostB")
     async with trio.open_nursery() as nursery:
         await nursery.start(journals.run)
-        await journals.notice("run-1", [(destination(0), "sim:b")], _notice("run-1"))
+        await journals.notice("run-1", [(destination(0), "sim:b")], ACKED)
         with pytest.raises(JournalError, match="no journal of run run-1: cannot create"):
             await journals.closed("run-1")
         nursery.cancel_scope.cancel()
@@ -212,7 +208,7 @@ async def test_a_slow_disk_holds_the_agent_back_and_loses_nothing(
                 event = ev.ChunkReceived(
                     device=destination(0), seq=seq, offset=seq, raw=1, wire=1, final=False
                 )
-                await journals.notice("run-1", [(destination(0), "sim:b")], {"event": 1}, event)
+                await journals.notice("run-1", [(destination(0), "sim:b")], event)
                 sent += 1
             finished.set()
 

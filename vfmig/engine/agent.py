@@ -788,9 +788,9 @@ class Agent:
         self, slot: Slot, payload: dict[str, Value], event: RunEvent | None = None
     ) -> None:
         journal = self.config.journal
-        if journal is not None and slot.run is not None:
+        if journal is not None and slot.run is not None and event is not None:
             devices = [(i, str(s.spec)) for s in slot.run.slots for i in s.ids]
-            await journal.notice(slot.run.id, devices, payload, event)
+            await journal.notice(slot.run.id, devices, event)
         if slot.owner is not None:
             await slot.owner.notify(payload)
 

@@ -4,14 +4,13 @@ Theory of operation
 -------------------
 An agent (``vfmig agent --journal-dir DIR``, or the default store) keeps its side of every
 run, so a host that lost its orchestrator still has a record. :class:`RunJournals` is
-handed every notice the agent sends an orchestrator (:meth:`RunJournals.notice`): the
-events among them (ioctls, chunks sent and received, stream ends, switchover acks) are
-stamped and queued for the run's recorder task, which writes them to
+handed every event the agent notifies an orchestrator of (:meth:`RunJournals.notice`:
+ioctls, chunks sent and received, stream ends, switchover acks), which it stamps and queues for the run's recorder task, which writes them to
 ``<store>/<time>Z-agent-<run id>.vfj`` in batches as the orchestrator's journal is written
 (in a worker thread, with the same batch sizes and intervals, a second lost at most on
 ``kill -9``). The queue is bounded: at :data:`QUEUE` waiting records the agent waits for
-the disk (lossless). No bus: a notice costs an append, not a publication and a task
-switch (~35 us each, a few percent of an agent's CPU at one chunk event per 2 MiB).
+the disk (lossless). No bus: an event costs an append, not a publication and a task
+switch (~7 us instead of ~35 us, a few percent of an agent's CPU at one event per 2 MiB).
 Record times are this process's trio clock, which the header's ``start_mono_ns`` shares;
 ``vfmig journal merge`` puts them on the orchestrator's clock from chunk pairs. Each
 record's origin is ``host`` (the agent's name for itself).
@@ -43,7 +42,6 @@ import trio
 from vfmig import __version__
 from vfmig.core.model import source
 from vfmig.engine.bus import Record
-from vfmig.engine.wire import WireError, parse_notice
 from vfmig.journal.codec import DeviceInfo, JournalError, JournalHeader
 from vfmig.journal.recorder import (
     BATCH_INTERVAL,
@@ -64,7 +62,6 @@ if TYPE_CHECKING:
     from vfmig.core.model import DeviceId
     from vfmig.journal.store import JournalStore
     from vfmig.journal.writer import JournalWriter
-    from vfmig.protocol import Value
 
 #: Bounded subscription of each run's recorder (a slow disk slows the agent, loses nothing).
 QUEUE: int = 1024
@@ -85,11 +82,7 @@ class AgentJournal(Protocol):
     """What an agent calls (``AgentConfig.journal``)."""
 
     async def notice(
-        self,
-        run_id: str,
-        devices: Sequence[tuple[DeviceId, str]],
-        payload: dict[str, Value],
-        event: Event | None = None,
+        self, run_id: str, devices: Sequence[tuple[DeviceId, str]], event: Event
     ) -> None: ...
 
     def tap(self, run_id: str, dev: DeviceId) -> Callable[[int, memoryview], None] | None: ...
@@ -109,11 +102,7 @@ class DataCapture:
         self.writer = writer
 
     async def notice(
-        self,
-        run_id: str,
-        devices: Sequence[tuple[DeviceId, str]],
-        payload: dict[str, Value],
-        event: Event | None = None,
+        self, run_id: str, devices: Sequence[tuple[DeviceId, str]], event: Event
     ) -> None:
         return None
 
@@ -189,25 +178,12 @@ class RunJournals:
             self._nursery = None
 
     async def notice(
-        self,
-        run_id: str,
-        devices: Sequence[tuple[DeviceId, str]],
-        payload: dict[str, Value],
-        event: Event | None = None,
+        self, run_id: str, devices: Sequence[tuple[DeviceId, str]], event: Event
     ) -> None:
-        """Journal the event a notice carries (progress and facts are not events); ``event``
-        is that event, when the caller has it (else it is decoded from ``payload``)."""
-        if "event" not in payload:
-            return
+        """Journal ``event``, one the agent notified its orchestrator of (progress and
+        facts are not events)."""
         journal = await self._journal(run_id, devices)
-        if journal is None:
-            return
-        if event is None:
-            try:
-                event = parse_notice(payload).event
-            except WireError:
-                return
-        if event is not None:
+        if journal is not None:
             await journal.add(event)
 
     def tap(self, run_id: str, dev: DeviceId) -> Callable[[int, memoryview], None] | None:
