@@ -37,7 +37,7 @@ from vfmig.core.errors import DataError, DeviceError, DeviceHung, StateChangeErr
 from vfmig.core.fsm import DeviceState
 from vfmig.device.backend import Direction
 from vfmig.device.debugfs import DebugfsReading
-from vfmig.protocol import decode_chunk_payload, encode_chunk_payload
+from vfmig.protocol import Encoding, decode_chunk_payload, encode_chunk_payload
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import zstandard
 
     from vfmig.device.backend import DataSession, MigrationDevice, PrecopyInfo
-    from vfmig.protocol import DataChunk, Encoding
+    from vfmig.protocol import DataChunk
 
 T = TypeVar("T")
 
@@ -220,8 +220,7 @@ class DeviceWorker:
             offset = position(count)
             if count == 0:
                 return ReadResult(offset, 0)
-            encoding, payload = encode_chunk_payload(None, view[:count])
-            return ReadResult(offset, count, encoding, payload)
+            return ReadResult(offset, count, Encoding.RAW, view[:count])
 
         return await self.run(call, step="data read")
 

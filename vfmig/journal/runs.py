@@ -5,12 +5,13 @@ Theory of operation
 An agent (``vfmig agent --journal-dir DIR``, or the default store) keeps its side of every
 run, so a host that lost its orchestrator still has a record. :class:`RunJournals` is
 handed every event the agent notifies an orchestrator of (:meth:`RunJournals.notice`:
-ioctls, chunks sent and received, stream ends, switchover acks), which it stamps and queues for the run's recorder task, which writes them to
-``<store>/<time>Z-agent-<run id>.vfj`` in batches as the orchestrator's journal is written
+ioctls, chunks sent and received, stream ends, switchover acks), which it stamps and
+queues for the run's recorder task; that writes them to ``<store>/<time>Z-agent-<run
+id>.vfj`` in batches as the orchestrator's journal is written
 (in a worker thread, with the same batch sizes and intervals, a second lost at most on
 ``kill -9``). The queue is bounded: at :data:`QUEUE` waiting records the agent waits for
 the disk (lossless). No bus: an event costs an append, not a publication and a task
-switch (~7 us instead of ~35 us, a few percent of an agent's CPU at one event per 2 MiB).
+switch (~7 us instead of ~35 us: under 1 % of an agent's CPU at one event per 2 MiB).
 Record times are this process's trio clock, which the header's ``start_mono_ns`` shares;
 ``vfmig journal merge`` puts them on the orchestrator's clock from chunk pairs. Each
 record's origin is ``host`` (the agent's name for itself).
