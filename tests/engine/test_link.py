@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import trio
 import trio.testing
 
-from vfmig.core.events import ChunkReceived, StreamEnded, to_record
+from vfmig.core.events import ChunkReceived, StreamEnded, from_record
 from vfmig.core.model import DeviceId
 from vfmig.engine import wire
 from vfmig.engine.agent import ControlSession
@@ -156,7 +158,7 @@ async def test_with_link_cancels_the_body_when_the_link_fails(nursery) -> None:
         await with_link(orchestrator, ignore, body)
 
 
-async def test_chunk_notices_share_frames_and_keep_their_order(nursery) -> None:
+async def test_chunk_notices_fold_into_few_frames_in_order(nursery) -> None:
     dev = DeviceId.parse("dst0")
     frames: list[dict] = []
     done = trio.Event()
@@ -186,13 +188,19 @@ async def test_chunk_notices_share_frames_and_keep_their_order(nursery) -> None:
             await session.notify(payload)
         await done.wait()
     received = [i for f in frames for i in (wire.batch_items(f) if "batch" in f else [f])]
-    assert received == sent
+    assert received[-1] == sent[-1]  # the stream's end comes last, after every chunk
+    chunks = [from_record(item["event"]) for item in received[:-1]]
+    assert all(isinstance(c, ChunkReceived) and not c.final for c in chunks)
+    # Folded (wire.coalesce), in order: each record picks up where the previous ended.
+    assert [c.seq for c in chunks] == list(itertools.accumulate([0] + [c.chunks for c in chunks]))[
+        :-1
+    ]
+    assert sum(c.chunks for c in chunks) == sum(c.raw for c in chunks) == 40
     assert len(frames) < len(sent) / 4  # batched: a frame per few notices at most
     assert [wire.deferrable(p) for p in sent] == [True] * 40 + [False]
     final = wire.event_notice(
         "r", ChunkReceived(device=dev, seq=40, offset=40, raw=0, wire=0, final=True)
     )
     assert not wire.deferrable(final)
-    assert (
-        to_record(ChunkReceived(device=dev, seq=0, offset=0, raw=1, wire=1, final=True))[-1] is True
-    )
+    folded = ChunkReceived(device=dev, seq=0, offset=0, raw=3, wire=2, final=False, chunks=3)
+    assert wire.deferrable(wire.event_notice("r", folded))  # may fold again

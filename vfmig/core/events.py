@@ -301,6 +301,9 @@ class ChunkSent(Event):
     raw: int  #: bytes read from the device
     wire: int  #: bytes on the wire after compression
     final: bool  #: the source read end of stream (``raw`` may be 0)
+    #: Consecutive chunks the record covers (``seq`` and ``offset`` are the first's, ``raw``
+    #: and ``wire`` their sums): an agent coalesces its chunk progress for the orchestrator.
+    chunks: int = 1
 
 
 @register
@@ -313,6 +316,7 @@ class ChunkReceived(Event):
     raw: int
     wire: int
     final: bool
+    chunks: int = 1  #: as in :class:`ChunkSent`
 
 
 @register

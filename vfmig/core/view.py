@@ -198,7 +198,7 @@ def _changes(model: RunView, event: Event) -> dict[str, Any]:
             devices = _dev(
                 model,
                 event.device,
-                chunks=old.chunks + 1,
+                chunks=old.chunks + event.chunks,
                 offset=max(old.offset, event.offset + event.raw),
                 ended=old.ended or event.final,
             )

@@ -215,7 +215,8 @@ class ControlSession:
 
     async def pump(self) -> None:
         """Send queued notifications until the session ends. Chunk progress waits up to
-        NOTIFY_LINGER for more to share its frame; anything else goes out at once."""
+        NOTIFY_LINGER for more to share its frame, folded (:func:`wire.coalesce`): the
+        longer the link is busy, the more a frame folds. Anything else goes out at once."""
         async with self._receive:
             async for payload in self._receive:
                 batch = [payload]
@@ -228,6 +229,7 @@ class ControlSession:
                             except trio.EndOfChannel:
                                 ended = True
                                 break
+                batch = wire.coalesce(batch)
                 message = batch[0] if len(batch) == 1 else wire.batch_notice(batch)
                 try:
                     await self.link.send(Notification(payload=message))

@@ -20,13 +20,16 @@ engine. This module is that half of the contract, written once for both ends:
   progress sample, or a :class:`Fact` -- a stream failure the machine must hear about.
   An agent sends chunk progress in batches (``{"batch": [notice, ...]}``, in order): one
   frame per few milliseconds of a stream instead of one per chunk; anything else is sent
-  at once, after the batch it would otherwise overtake.
+  at once, after the batch it would otherwise overtake. A batch is folded first
+  (:func:`coalesce`): a device's chunk events become one record covering them all, its
+  progress samples the latest, so what the orchestrator handles grows with time and
+  devices, not with bytes (the agent's own journal keeps every chunk).
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from vfmig.core.events import (
@@ -329,6 +332,12 @@ def fact_notice(run: str, f: Fact) -> dict[str, Value]:
 
 #: Event records of chunk progress (not the final ones): they may wait a moment for a batch.
 _CHUNK_TAGS = frozenset((ChunkSent.TAG, ChunkReceived.TAG))
+#: Where a chunk event's record (``[TAG, field, ...]``) holds the fields a fold touches
+#: (ChunkSent and ChunkReceived declare the same fields).
+_RAW, _WIRE, _FINAL, _CHUNKS = (
+    1 + [f.name for f in fields(ChunkSent)].index(name)
+    for name in ("raw", "wire", "final", "chunks")
+)
 
 
 def deferrable(payload: dict[str, Value]) -> bool:
@@ -338,8 +347,55 @@ def deferrable(payload: dict[str, Value]) -> bool:
         return True
     record = payload.get("event")
     return (
-        isinstance(record, list) and len(record) > 1 and record[0] in _CHUNK_TAGS and not record[-1]
+        isinstance(record, list)
+        and len(record) > _FINAL
+        and record[0] in _CHUNK_TAGS
+        and record[_FINAL] is False
     )
+
+
+def coalesce(payloads: list[dict[str, Value]]) -> list[dict[str, Value]]:
+    """``payloads`` with each run of deferrable notices folded: a device's chunk events of
+    one kind into one record (the first's ``seq`` and ``offset``; ``raw``, ``wire`` and
+    ``chunks`` summed), its progress samples (cumulative) into the latest; each at the
+    place of its first. Other notices keep their place, and nothing moves across them."""
+    out: list[dict[str, Value]] = []
+    place: dict[tuple[Any, ...], int] = {}  # fold key -> index in out, in the current run
+    for payload in payloads:
+        key = _fold_key(payload) if deferrable(payload) else None
+        if key is None:
+            place.clear()
+            out.append(payload)
+        elif (at := place.get(key)) is None:
+            place[key] = len(out)
+            out.append(payload)
+        elif "progress" in payload:
+            out[at] = payload
+        else:
+            out[at] = _fold(out[at], payload)
+    return out
+
+
+def _fold_key(payload: dict[str, Value]) -> tuple[Any, ...] | None:
+    progress = payload.get("progress")
+    if isinstance(progress, dict):
+        return ("progress", payload.get("run"), progress.get("device"))
+    record: list[Any] = payload["event"]  # type: ignore[assignment]  # deferrable
+    return (record[0], payload.get("run"), record[1])
+
+
+def _fold(first: dict[str, Value], then: dict[str, Value]) -> dict[str, Value]:
+    a: list[Any] = first["event"]  # type: ignore[assignment]  # deferrable: a chunk record
+    b: list[Any] = then["event"]  # type: ignore[assignment]
+    record = [*a[:_CHUNKS], _count(a) + _count(b)]
+    record[_RAW] += b[_RAW]
+    record[_WIRE] += b[_WIRE]
+    return {**first, "event": record}
+
+
+def _count(record: list[Any]) -> int:
+    """The ``chunks`` of a chunk event's record (1 in a record older than the field)."""
+    return int(record[_CHUNKS]) if len(record) > _CHUNKS else 1
 
 
 def batch_notice(payloads: list[dict[str, Value]]) -> dict[str, Value]:

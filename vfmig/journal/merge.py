@@ -105,8 +105,8 @@ def _chunks(
         if isinstance(entry, EventRecord) and isinstance(entry.event, ChunkSent | ChunkReceived):
             e = entry.event
             sent = isinstance(e, ChunkSent)
-            if sent != (e.device.role is Role.SOURCE):
-                continue
+            if sent != (e.device.role is Role.SOURCE) or e.chunks != 1:
+                continue  # a coalesced copy (wire.coalesce) is no one chunk's time
             yield entry.at_ns + shift, source, sent, (e.device.index, e.seq), entry.at_ns
 
 
