@@ -25,6 +25,9 @@ RSS (VmHWM) of each agent and of the migrate command. Times are wall-clock of th
 command, process start-up included; vfmig's own run time (``total_ms`` of ``vfmig migrate
 --json``: without the interpreter's start-up) is shown next to it.
 
+``--journal-cost`` and ``--against`` replace the peer by a second set of vfmig agents
+(without journals; another installation's) and pair the rounds.
+
 Until ``vfmig migrate`` and ``vfmig agent`` exist, only the peer half runs (and says so).
 Needs ``socat`` and ``zstd`` (Debian: ``apt-get install socat zstd``).
 """
@@ -210,17 +213,19 @@ class Agents:
     source_dir: Path
     destination_dir: Path
     processes: list[subprocess.Popen[bytes]]
+    vfmig: Path  #: the command the agents run, and the rounds' ``vfmig migrate``
 
 
 @contextlib.contextmanager
 def agents(
-    work: Path, name: str = "", *, journal: bool = True, pin: Pin = None
+    work: Path, name: str = "", *, journal: bool = True, pin: Pin = None, vfmig: Path = VFMIG
 ) -> Iterator[Agents]:
-    """A source and a destination agent (``name`` prefixes their files), each journaling
-    its runs into a directory of its own unless ``journal`` is off (``--no-journal``)."""
+    """A source and a destination agent of the ``vfmig`` command (``name`` prefixes their
+    files), each journaling its runs into a directory of its own unless ``journal`` is off
+    (``--no-journal``)."""
     key = work / "vfmig.key"
     if not key.exists():
-        command = [str(VFMIG), "keygen", str(key)]
+        command = [str(vfmig), "keygen", str(key)]
         subprocess.run(command, check=True, capture_output=True, env=VFMIG_ENV)
     ports = free_port(), free_port()
     dirs = work / f"{name}source-agent", work / f"{name}destination-agent"
@@ -229,7 +234,7 @@ def agents(
         for role, port, directory in zip(("source", "destination"), ports, dirs, strict=True):
             directory.mkdir()
             log = open(work / f"{name}{role}-agent.log", "wb")  # noqa: SIM115 -- the agent holds it
-            command = [str(VFMIG), "agent", "--listen", f"127.0.0.1:{port}"]
+            command = [str(vfmig), "agent", "--listen", f"127.0.0.1:{port}"]
             command += ["--key-file", str(key), "--sim-dir", str(directory)]
             command += ["--state-file", str(work / f"{name}{role}-agent.ledger")]
             if journal:
@@ -240,7 +245,7 @@ def agents(
             processes.append(subprocess.Popen(command, stdout=log, stderr=log, env=VFMIG_ENV))
             log.close()
             wait_listening(port, processes[-1], f"the {role} agent")
-        yield Agents(key, ports[0], ports[1], dirs[0], dirs[1], processes)
+        yield Agents(key, ports[0], ports[1], dirs[0], dirs[1], processes, vfmig)
     finally:
         for process in processes:
             process.terminate()
@@ -257,7 +262,7 @@ def vfmig_round(
 ) -> Run:
     dump = setup.destination_dir / "dump.bin"
     command = [
-        str(VFMIG),
+        str(setup.vfmig),
         "migrate",
         f"sim:src,image=state.bin,checksum={checksum}@127.0.0.1:{setup.source_port}",
         f"sim:dst,size={size},checksum={checksum},dump=dump.bin@127.0.0.1:{setup.destination_port}",
@@ -376,17 +381,57 @@ def journal_cost(
         f"{(medians[True] / medians[False] - 1) * 100:+.1f} %",
         file=out,
     )
-    # Each round's two runs are neighbours in time: their difference cancels the drift of a
-    # shared machine better than the medians do.
     diffs = [sum(a.cpu[:2]) - sum(b.cpu[:2]) for a, b in zip(runs[True], runs[False], strict=True)]
+    print_paired(diffs, medians[False], out)
+
+
+def print_paired(diffs: Sequence[float], base: float, out: IO[str]) -> None:
+    """The mean of per-round differences (seconds) with its standard error, also as a share
+    of ``base``. Each round's two runs are neighbours in time: their difference cancels the
+    drift of a shared machine better than the medians do."""
     if len(diffs) > 1:
         mean = statistics.fmean(diffs)
         error = statistics.stdev(diffs) / len(diffs) ** 0.5
         print(
             f"paired by round: {mean * 1000:+.0f} ms +- {error * 1000:.0f} ms (standard error) "
-            f"per run = {mean / medians[False] * 100:+.1f} +- {error / medians[False] * 100:.1f} %",
+            f"per run = {mean / base * 100:+.1f} +- {error / base * 100:.1f} %",
             file=out,
         )
+
+
+def against(work: Path, size: int, args: argparse.Namespace, state: Path, out: IO[str]) -> None:
+    """This vfmig against another installation's (``--against``), rounds alternating: the
+    way to measure a change on a machine whose speed drifts between invocations."""
+    other = Path(args.against).resolve()
+    labels = {VFMIG: "this", other: "other"}
+    runs: dict[Path, list[Run]] = {VFMIG: [], other: []}
+    with contextlib.ExitStack() as stack:
+        setups = {
+            command: stack.enter_context(agents(work, f"{label}-", vfmig=command))
+            for command, label in labels.items()
+        }
+        for setup in setups.values():
+            os.link(state, setup.source_dir / "state.bin")
+        for number in range(args.rounds):
+            order = list(labels) if number % 2 == 0 else list(labels)[::-1]
+            for command in order:
+                os.sync()
+                runs[command].append(
+                    vfmig_round(setups[command], size, args.sim_checksum, state, work)
+                )
+            figures = ", ".join(
+                f"{labels[c]} {runs[c][-1].seconds:.2f} s ({sum(runs[c][-1].cpu):.2f} CPU-s)"
+                for c in order
+            )
+            print(f"round {number + 1}: {figures}", file=out)
+    for command, label in labels.items():
+        seconds = statistics.median(run.seconds for run in runs[command])
+        print(f"median {label} ({command}): {seconds:6.2f} s {rate(size, seconds)}", file=out)
+        print(f"  CPU (median): {cpu_medians('vfmig', runs[command])}", file=out)
+    base = statistics.median(run.seconds for run in runs[other])
+    diffs = [a.seconds - b.seconds for a, b in zip(runs[VFMIG], runs[other], strict=True)]
+    print("this minus other, wall time:", file=out)
+    print_paired(diffs, base, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -420,7 +465,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs and agents that do not (--no-journal); prints the agents' median CPU seconds "
         "of each and the journals' share",
     )
+    parser.add_argument(
+        "--against",
+        metavar="VFMIG",
+        help="instead of the peer: rounds alternating between this vfmig and another "
+        "installation's vfmig command (a venv's bin/vfmig, say that of the commit before a "
+        "change); prints both medians and their difference paired by round",
+    )
     args = parser.parse_args(argv)
+    if args.against and args.journal_cost:
+        raise BenchError("--against and --journal-cost are two different benchmarks: one at a time")
+    if args.against and not os.access(args.against, os.X_OK):
+        raise BenchError(f"--against {args.against}: not an executable vfmig command")
     size = parse_size(args.size)
     pin: Pin = None
     if args.pin:
@@ -446,10 +502,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             + (f"; sending side on CPU {pin[0]}, receiving side on CPU {pin[1]}" if pin else ""),
             file=out,
         )
-        if args.journal_cost:
+        if args.journal_cost or args.against:
             if without_engine:
                 raise BenchError(without_engine)
-            journal_cost(work, size, args, state, out)
+            (against if args.against else journal_cost)(work, size, args, state, out)
             return 0
         peer: list[Run] = []
         ours: list[Run] = []
