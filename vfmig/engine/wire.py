@@ -376,7 +376,7 @@ def coalesce(payloads: list[dict[str, Value]]) -> list[dict[str, Value]]:
     return out
 
 
-def _fold_key(payload: dict[str, Value]) -> tuple[Any, ...] | None:
+def _fold_key(payload: dict[str, Value]) -> tuple[Any, ...]:
     progress = payload.get("progress")
     if isinstance(progress, dict):
         return ("progress", payload.get("run"), progress.get("device"))
