@@ -552,6 +552,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({peer_s / ours_s * 100:.0f} % of its throughput)",
             file=out,
         )
+        # A round's two runs are neighbours in time: their ratio shrugs off the drift of a
+        # shared machine between rounds, which the ratio of the medians does not.
+        ratios = sorted(a.seconds / b.seconds for a, b in zip(ours, peer, strict=True))
+        print(
+            f"  paired by round: median {statistics.median(ratios):.2f}x, "
+            f"from {ratios[0]:.2f}x to {ratios[-1]:.2f}x",
+            file=out,
+        )
         assert hwm is not None
         migrate_rss = max(run.peak_rss_kib for run in ours)
         print(
