@@ -48,14 +48,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from vfmig.core.spec import CHECKSUMS, parse_spec, sim_options
 from vfmig.core.units import parse_size
 from vfmig.device.sim import SimDevice
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
+
+K = TypeVar("K")
 
 MiB = 1 << 20
 #: How long an agent or a listener may take to start listening.
@@ -350,30 +352,53 @@ def cpu_medians(side: str, runs: Sequence[Run]) -> str:
     return f"{parts}; total {total:.2f} CPU-s"
 
 
+def alternating_rounds(
+    variants: Mapping[K, dict[str, Any]],
+    figure: Callable[[K, Run], str],
+    work: Path,
+    size: int,
+    args: argparse.Namespace,
+    state: Path,
+    out: IO[str],
+) -> dict[K, list[Run]]:
+    """``args.rounds`` rounds of one run on each of two sets of agents (``agents(work,
+    **variants[key])``), which goes first swapping every round; ``figure`` says what a
+    run is worth printing."""
+    keys = list(variants)
+    runs: dict[K, list[Run]] = {key: [] for key in keys}
+    with contextlib.ExitStack() as stack:
+        setups = {key: stack.enter_context(agents(work, **variants[key])) for key in keys}
+        for setup in setups.values():
+            os.link(state, setup.source_dir / "state.bin")
+        for number in range(args.rounds):
+            order = keys if number % 2 == 0 else keys[::-1]
+            for key in order:
+                os.sync()
+                runs[key].append(vfmig_round(setups[key], size, args.sim_checksum, state, work))
+            figures = ", ".join(figure(key, runs[key][-1]) for key in order)
+            print(f"round {number + 1}: {figures}", file=out)
+    return runs
+
+
 def journal_cost(
     work: Path, size: int, args: argparse.Namespace, state: Path, out: IO[str]
 ) -> None:
     """The agents' CPU seconds with and without their journals, rounds alternating."""
-    runs: dict[bool, list[Run]] = {True: [], False: []}
-    with contextlib.ExitStack() as stack:
-        setups = {
-            journal: stack.enter_context(agents(work, name, journal=journal))
-            for journal, name in ((True, "journaled-"), (False, "unjournaled-"))
-        }
-        for setup in setups.values():
-            os.link(state, setup.source_dir / "state.bin")
-        for number in range(args.rounds):
-            order = (True, False) if number % 2 == 0 else (False, True)
-            for journal in order:
-                os.sync()
-                runs[journal].append(
-                    vfmig_round(setups[journal], size, args.sim_checksum, state, work)
-                )
-            figures = ", ".join(
-                f"{'with' if j else 'without'} {runs[j][-1].cpu[0]:.2f}+{runs[j][-1].cpu[1]:.2f}"
-                for j in order
-            )
-            print(f"round {number + 1}: agents' CPU-s {figures}", file=out)
+    runs = alternating_rounds(
+        {
+            True: {"name": "journaled-", "journal": True},
+            False: {"name": "unjournaled-", "journal": False},
+        },
+        lambda j, run: (
+            f"{'with' if j else 'without'} journals, agents' CPU-s "
+            f"{run.cpu[0]:.2f}+{run.cpu[1]:.2f}"
+        ),
+        work,
+        size,
+        args,
+        state,
+        out,
+    )
     medians = {j: statistics.median(sum(run.cpu[:2]) for run in runs[j]) for j in runs}
     print(
         f"agents' CPU (median of source + destination): with their journals "
@@ -404,26 +429,15 @@ def against(work: Path, size: int, args: argparse.Namespace, state: Path, out: I
     way to measure a change on a machine whose speed drifts between invocations."""
     other = Path(args.against).resolve()
     labels = {VFMIG: "this", other: "other"}
-    runs: dict[Path, list[Run]] = {VFMIG: [], other: []}
-    with contextlib.ExitStack() as stack:
-        setups = {
-            command: stack.enter_context(agents(work, f"{label}-", vfmig=command))
-            for command, label in labels.items()
-        }
-        for setup in setups.values():
-            os.link(state, setup.source_dir / "state.bin")
-        for number in range(args.rounds):
-            order = list(labels) if number % 2 == 0 else list(labels)[::-1]
-            for command in order:
-                os.sync()
-                runs[command].append(
-                    vfmig_round(setups[command], size, args.sim_checksum, state, work)
-                )
-            figures = ", ".join(
-                f"{labels[c]} {runs[c][-1].seconds:.2f} s ({sum(runs[c][-1].cpu):.2f} CPU-s)"
-                for c in order
-            )
-            print(f"round {number + 1}: {figures}", file=out)
+    runs = alternating_rounds(
+        {command: {"name": f"{label}-", "vfmig": command} for command, label in labels.items()},
+        lambda c, run: f"{labels[c]} {run.seconds:.2f} s ({sum(run.cpu):.2f} CPU-s)",
+        work,
+        size,
+        args,
+        state,
+        out,
+    )
     for command, label in labels.items():
         seconds = statistics.median(run.seconds for run in runs[command])
         print(f"median {label} ({command}): {seconds:6.2f} s {rate(size, seconds)}", file=out)
