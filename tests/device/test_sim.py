@@ -664,6 +664,28 @@ def test_migration_with_dirty_pages_dumps_the_source_state(
     assert not (tmp_path / "dump.bin.partial").exists()
 
 
+@pytest.mark.parametrize("content", ["realistic", "random", "zero"])
+@pytest.mark.parametrize("dirtied", [2, 400])  # a few pages, or (nearly surely) every one
+def test_read_pages_is_the_original_with_each_dirtied_page_rewritten(
+    sim: Callable[..., SimDevice], content: str, dirtied: int
+) -> None:
+    size = 6 * PAGE_SIZE + 1000  # a short last page
+    device = sim(f"sim:d,size={size},content={content}")
+    with device.lock:
+        device._dirty(dirtied)
+        gens = device._gens
+        assert gens is not None
+        for first, count in [(0, 7), (2, 3), (6, 1), (5, 2), (3, 1)]:
+            expected = b""
+            for page in range(first, first + count):
+                original = device._base.read(page, 1)  # type: ignore[union-attr]
+                rewritten = dirty_page(device._dirty_kind, device.seed, page, gens[page])
+                expected += rewritten[: len(original)] if gens[page] else original
+            assert device.read_pages(first, count) == expected
+    if dirtied > 100:
+        assert all(gens)  # the all-rewritten path ran
+
+
 def test_dropping_a_dirty_record_is_detected(
     sim: Callable[..., SimDevice], clock: FakeClock
 ) -> None:

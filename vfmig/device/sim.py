@@ -520,18 +520,26 @@ class SimDevice(MigrationDevice):
     def read_pages(self, first: int, count: int) -> bytes:
         """The current content of pages ``[first, first+count)`` (caller holds :attr:`lock`)."""
         assert self._base is not None
-        data = self._base.read(first, count)
         gens = self._gens
         if gens is None:
-            return data
+            return self._base.read(first, count)
         dirtied = [(index, gen) for index, gen in enumerate(gens[first : first + count]) if gen]
         if not dirtied:
-            return data
+            return self._base.read(first, count)
+        kind, seed = self._dirty_kind, self.seed
+        if len(dirtied) == count:
+            # Every page was rewritten since: the original content is not needed. (A dirty
+            # record is mostly one page, and reading its original meant generating a whole
+            # block: 2 GiB dirtied at 50 MiB/s drained in stop-copy at 55 MiB/s, against
+            # precopy's 270, and missed a 300 ms downtime limit; now ~180 MiB/s.)
+            length = min(count * PAGE_SIZE, self._base.size - first * PAGE_SIZE)
+            rewritten = b"".join(dirty_page(kind, seed, first + i, g) for i, g in dirtied)
+            return rewritten if length == len(rewritten) else rewritten[:length]
+        data = self._base.read(first, count)
         view = memoryview(data)
         pages: list[bytes | memoryview] = [
             view[offset : offset + PAGE_SIZE] for offset in range(0, len(data), PAGE_SIZE)
         ]
-        kind, seed = self._dirty_kind, self.seed
         for index, generation in dirtied:
             page = dirty_page(kind, seed, first + index, generation)
             pages[index] = page if len(pages[index]) == PAGE_SIZE else page[: len(pages[index])]
