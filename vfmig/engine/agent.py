@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 import zstandard
 
+from vfmig.core.compression import CompressionProbe
 from vfmig.core.errors import DataError, DeviceError, DeviceHung, RequestRefused, VfmigError
 from vfmig.core.events import (
     ChunkReceived,
@@ -111,6 +112,7 @@ from vfmig.protocol import (
     Connection,
     Credit,
     DataChunk,
+    Encoding,
     EndOfStream,
     ErrorResponse,
     InitialDataSent,
@@ -1367,9 +1369,11 @@ class Sender:
         results: trio.MemorySendChannel[_ReadAhead | Exception | None],
     ) -> None:
         """Read chunks within the credit the sent ones leave and have them encoded, in
-        order; None says a read found nothing now; the end of stream or the first error
-        is the last item."""
+        order (raw, untried, while the stream does not compress: CompressionProbe); None
+        says a read found nothing now; the end of stream or the first error is the last
+        item."""
         worker = self.slot.worker
+        probe = CompressionProbe()
         poll = MIN_POLL
         turn = 0
         idle, taken = trio.open_memory_channel[zstandard.ZstdCompressor](len(compressors))
@@ -1381,6 +1385,7 @@ class Sender:
             try:
                 raw = memoryview(item.result.payload)
                 encoding, payload = await worker.encode(compressor, raw)
+                probe.observe(encoding is not Encoding.RAW)
                 item.result = dataclasses.replace(item.result, encoding=encoding, payload=payload)
             except Exception as exc:  # the sending task raises it, in order
                 item.error = exc
@@ -1415,7 +1420,7 @@ class Sender:
                     turn += 1
                     self._unsent += result.raw
                     item = _ReadAhead(started, result)
-                    if result.raw and compressors:
+                    if result.raw and compressors and probe.attempt():
                         encoders.start_soon(encode, item)
                     else:
                         item.encoded.set()
