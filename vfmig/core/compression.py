@@ -11,9 +11,9 @@ many after each further failure, up to :data:`MAX_SKIP`; a chunk that compresses
 the skip. A stream that turns compressible again is noticed within ``MAX_SKIP`` chunks;
 a compressible one never skips (any chunk that compresses keeps every next one tried).
 
-Decisions are made in read order; results come back in the same order (the sender sends
-in order), possibly a few chunks after their decision: a result only shapes decisions
-made after it arrives.
+Decisions are made in read order; outcomes arrive a few chunks later, and from two
+encoder threads not always in order: an outcome only shapes the decisions made after it
+arrives, the latest one winning.
 
 Pure: stdlib only.
 """
