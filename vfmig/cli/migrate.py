@@ -461,7 +461,11 @@ def _print_errors(env: Environment, report: RunReport) -> None:
         print(f"vfmig: error: {who}{where}: {error.message}{code}", file=env.stderr)
         if error.hint:
             print(f"hint: {error.hint}", file=env.stderr)
-    print(f"vfmig: {report.summary}", file=env.stderr)
+    if report.errors:  # the summary would repeat the first of them: the outcome says enough
+        many = f" ({len(report.errors)} errors)" if len(report.errors) > 1 else ""
+        print(f"vfmig: {report.outcome.value}{many}", file=env.stderr)
+    else:
+        print(f"vfmig: {report.summary}", file=env.stderr)
 
 
 def _json_result(report: RunReport) -> dict[str, Any]:
