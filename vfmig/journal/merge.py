@@ -230,6 +230,20 @@ def _reports(
     )
 
 
+def _source(r: JournalReader, off: int, method: str, pairs: int, **more: Any) -> dict[str, Any]:
+    """The merged header's ``merged_from`` entry of input ``r`` (``more`` adds or replaces)."""
+    return {
+        "file": r.path.name,
+        "host": r.header.host,
+        "role": r.header.role,
+        "run_id": r.header.run_id,
+        "offset_ns": off,
+        "method": method,
+        "pairs": pairs,
+        **more,
+    }
+
+
 def merge(paths: Sequence[Path], output: Path, *, host: str, **writer_options: Any) -> MergeReport:
     """Merge ``paths`` (the first is the reference clock) into a new journal ``output``."""
     if len(paths) < 2:
@@ -238,15 +252,7 @@ def merge(paths: Sequence[Path], output: Path, *, host: str, **writer_options: A
     try:
         offsets = [(0, "reference", 0)] + [_offset(readers[0], r) for r in readers[1:]]
         sources = [
-            {
-                "file": r.path.name,
-                "host": r.header.host,
-                "role": r.header.role,
-                "run_id": r.header.run_id,
-                "offset_ns": off,
-                "method": method,
-                "pairs": pairs,
-            }
+            _source(r, off, method, pairs)
             for r, (off, method, pairs) in zip(readers, offsets, strict=True)
         ]
 
@@ -442,17 +448,18 @@ def merge_run(
                 offsets.append((wall, "wall clock", 0, None))
         ref = readers[0].header
         sources: list[dict[str, Any]] = [
-            {
-                "file": (fetched[i - 1].name if i else None) or r.path.name,
-                "host": r.header.host,
-                "role": r.header.role,
-                "run_id": r.header.run_id,
-                "offset_ns": off,
-                "method": method,
-                "pairs": pairs,
-                "uncertainty_ns": spread,
-                **({"address": fetched[i - 1].address} if i else {}),
-            }
+            _source(
+                r,
+                off,
+                method,
+                pairs,
+                uncertainty_ns=spread,
+                **(
+                    {"file": fetched[i - 1].name or r.path.name, "address": fetched[i - 1].address}
+                    if i
+                    else {}
+                ),
+            )
             for i, (r, (off, method, pairs, spread)) in enumerate(
                 zip(readers, offsets, strict=True)
             )
