@@ -38,6 +38,7 @@ from vfmig.protocol import Connection
 from vfmig.protocol import Role as LinkRole
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
 S = DeviceState
@@ -123,17 +124,19 @@ class Host:
 
 
 @pytest.fixture
-def hosts(tmp_path: Path, key_file: Path, remote_sims: Any) -> Any:
-    made: list[Host] = []
-
-    def make(name: str) -> Host:
-        host = Host(tmp_path, name, key_file, type(remote_sims))
-        made.append(host)
-        return host
-
-    yield make
-    for host in made:
-        host.stop()
+def agents(tmp_path: Path, key_file: Path, remote_sims: Any) -> Iterator[tuple[Host, Host]]:
+    """Two agents, on hosts A and B, started (a test kills and restarts them)."""
+    made = (
+        Host(tmp_path, "A", key_file, type(remote_sims)),
+        Host(tmp_path, "B", key_file, type(remote_sims)),
+    )
+    try:
+        for host in made:
+            host.start()
+        yield made
+    finally:
+        for host in made:
+            host.stop()
 
 
 def migrate(tmp_path: Path, key_file: Path, *argv: str) -> subprocess.Popen[str]:
@@ -177,11 +180,9 @@ def status(address: str, key_file: Path, run: str) -> str:
 
 
 def test_a_source_agent_killed_in_stop_copy_runs_its_source_again(
-    hosts: Any, tmp_path: Path, key_file: Path
+    agents: tuple[Host, Host], tmp_path: Path, key_file: Path
 ) -> None:
-    a, b = hosts("A"), hosts("B")
-    a.start()
-    b.start()
+    a, b = agents
     # 2 MiB reads 0.4 s apart: stop-copy of 16 MiB takes over 3 s
     src = a.sims.spec("a", size=16 * MIB, read_delay="0.4s", at=a.address)
     dst = b.sims.spec("b", size=16 * MIB, image=False, at=b.address)
@@ -204,11 +205,9 @@ def test_a_source_agent_killed_in_stop_copy_runs_its_source_again(
 
 
 def test_a_destination_agent_killed_before_the_commit_resets_its_device(
-    hosts: Any, tmp_path: Path, key_file: Path
+    agents: tuple[Host, Host], tmp_path: Path, key_file: Path
 ) -> None:
-    a, b = hosts("A"), hosts("B")
-    a.start()
-    b.start()
+    a, b = agents
     src = a.sims.spec("a", size=4 * MIB, at=a.address)
     dst = b.sims.spec("b", size=4 * MIB, image=False, hang="RESUMING>STOP", at=b.address)
     run = migrate(tmp_path, key_file, "--no-precopy", "--timeout", "60", src, dst)
@@ -231,11 +230,9 @@ def test_a_destination_agent_killed_before_the_commit_resets_its_device(
 
 
 def test_a_destination_agent_killed_after_the_commit_keeps_its_device_running(
-    hosts: Any, tmp_path: Path, key_file: Path
+    agents: tuple[Host, Host], tmp_path: Path, key_file: Path
 ) -> None:
-    a, b = hosts("A"), hosts("B")
-    a.start()
-    b.start()
+    a, b = agents
     # the source hangs stopping after the commit: the run is past the commit point, open
     src = a.sims.spec("a", size=4 * MIB, hang="STOP_COPY>STOP", at=a.address)
     dst = b.sims.spec("b", size=4 * MIB, image=False, at=b.address)
@@ -260,11 +257,9 @@ def test_a_destination_agent_killed_after_the_commit_keeps_its_device_running(
 
 
 def test_a_source_restarted_while_its_destination_agent_is_down_stays_in_doubt(
-    hosts: Any, tmp_path: Path, key_file: Path
+    agents: tuple[Host, Host], tmp_path: Path, key_file: Path
 ) -> None:
-    a, b = hosts("A"), hosts("B")
-    a.start()
-    b.start()
+    a, b = agents
     # the stream is complete, the destination hangs validating it: both agents die then
     src = a.sims.spec("a", size=4 * MIB, at=a.address)
     dst = b.sims.spec("b", size=4 * MIB, image=False, hang="RESUMING>STOP", at=b.address)
