@@ -179,6 +179,18 @@ def status(address: str, key_file: Path, run: str) -> str:
     return trio.run(ask)
 
 
+def migrate_held_in_validation(
+    a: Host, b: Host, tmp_path: Path, key_file: Path
+) -> tuple[subprocess.Popen[str], str]:
+    """A 4 MiB migration from A to B whose destination hangs validating the whole stream
+    (RESUMING>STOP), seen in its resume phase: the process and its run id."""
+    src = a.sims.spec("a", size=4 * MIB, at=a.address)
+    dst = b.sims.spec("b", size=4 * MIB, image=False, hang="RESUMING>STOP", at=b.address)
+    run = migrate(tmp_path, key_file, "--no-precopy", "--timeout", "60", src, dst)
+    wait_phase(run, "resume")
+    return run, run_of(b)
+
+
 def test_a_source_agent_killed_in_stop_copy_runs_its_source_again(
     agents: tuple[Host, Host], tmp_path: Path, key_file: Path
 ) -> None:
@@ -208,11 +220,7 @@ def test_a_destination_agent_killed_before_the_commit_resets_its_device(
     agents: tuple[Host, Host], tmp_path: Path, key_file: Path
 ) -> None:
     a, b = agents
-    src = a.sims.spec("a", size=4 * MIB, at=a.address)
-    dst = b.sims.spec("b", size=4 * MIB, image=False, hang="RESUMING>STOP", at=b.address)
-    run = migrate(tmp_path, key_file, "--no-precopy", "--timeout", "60", src, dst)
-    wait_phase(run, "resume")
-    run_id = run_of(b)
+    run, run_id = migrate_held_in_validation(a, b, tmp_path, key_file)
     time.sleep(0.5)
     b.kill()
     out, err = run.communicate(timeout=120)
@@ -260,12 +268,8 @@ def test_a_source_restarted_while_its_destination_agent_is_down_stays_in_doubt(
     agents: tuple[Host, Host], tmp_path: Path, key_file: Path
 ) -> None:
     a, b = agents
-    # the stream is complete, the destination hangs validating it: both agents die then
-    src = a.sims.spec("a", size=4 * MIB, at=a.address)
-    dst = b.sims.spec("b", size=4 * MIB, image=False, hang="RESUMING>STOP", at=b.address)
-    run = migrate(tmp_path, key_file, "--no-precopy", "--timeout", "60", src, dst)
-    wait_phase(run, "resume")
-    run_id = run_of(b)
+    # both agents die while the destination validates the stream
+    run, run_id = migrate_held_in_validation(a, b, tmp_path, key_file)
     a.wait_for(" sent (")  # the whole stream
     a.kill()
     b.kill()
