@@ -882,10 +882,7 @@ class Agent:
             await self.config.journal.end(run.id)
 
     async def _log_left(self, run: Run, slot: Slot) -> None:
-        try:
-            state = (await slot.worker.get_state()).name
-        except VfmigError as exc:
-            state = f"an unreadable state ({exc})"
+        state = await _state_name(slot.worker)
         role = _ROLE_NAMES[slot.device_id.role]
         self.log(f"{slot.handle}: {role} of run {run.id} left in {state}")
 
@@ -1041,10 +1038,7 @@ class Agent:
         device.observer = partial(_observe, slot)
         self.slots[entry.handle] = slot
         run.slots.append(slot)
-        try:
-            state = (await worker.get_state()).name
-        except VfmigError as exc:
-            state = f"an unreadable state ({exc})"
+        state = await _state_name(worker)
         self.log(f"{entry.handle}: {_ROLE_NAMES[entry.role]} of run {run.id} reopened in {state}")
         return True
 
@@ -1171,6 +1165,14 @@ def _read_journal(path: Path, offset: int) -> wire.JournalPart:
     except OSError as exc:
         raise _AgentError(Code.FAILED, f"cannot read {path.name}: {exc.strerror}") from None
     return wire.JournalPart(pieces=pieces, size=size, done=offset >= size, name=path.name)
+
+
+async def _state_name(worker: DeviceWorker) -> str:
+    """The device's state, for a log line (what went wrong if it cannot be read)."""
+    try:
+        return (await worker.get_state()).name
+    except VfmigError as exc:
+        return f"an unreadable state ({exc})"
 
 
 async def _open_in_thread(
