@@ -15,19 +15,28 @@ Bounding (a decompression bomb must not become an out-of-memory): python-zstanda
 the declared content size to be present and equal to the chunk's ``raw_len``, which is at
 most the negotiated chunk size, before anything is decompressed; a frame that then
 produces more or fewer bytes fails inside zstd ("destination buffer is too small").
+
+zstandard is imported where a chunk is first (de)compressed or checked, not with the
+package: a control-only user of the protocol (the thin ``vfmig migrate --via``) never
+loads it.
 """
 
 from __future__ import annotations
 
-import zstandard
+from typing import TYPE_CHECKING
 
 from ._errors import ErrorCode, LocalProtocolError
 from ._events import DataChunk, Encoding
+
+if TYPE_CHECKING:
+    import zstandard
 
 
 def make_compressor(level: int) -> zstandard.ZstdCompressor:
     """A reusable compressor context: content size in every frame header, no checksum
     (the keyed stream digest covers integrity), no dictionary id."""
+    import zstandard
+
     return zstandard.ZstdCompressor(
         level=level, write_content_size=True, write_checksum=False, write_dict_id=False
     )
@@ -35,6 +44,8 @@ def make_compressor(level: int) -> zstandard.ZstdCompressor:
 
 def make_decompressor(max_chunk_size: int) -> zstandard.ZstdDecompressor:
     """A reusable decompressor context whose window is capped near the chunk size."""
+    import zstandard
+
     window = 1 << max(20, (max_chunk_size - 1).bit_length())
     return zstandard.ZstdDecompressor(max_window_size=window)
 
@@ -74,6 +85,8 @@ def check_chunk(chunk: DataChunk, max_chunk_size: int) -> None:
         return
     if size >= chunk.raw_len:
         raise _bad_chunk(chunk, f"zstd payload of {size} bytes does not shrink {chunk.raw_len}")
+    import zstandard
+
     try:
         declared = zstandard.frame_content_size(chunk.payload)
     except zstandard.ZstdError:
@@ -97,6 +110,8 @@ def decode_chunk_payload(
             return chunk.payload
         if decompressor is None:
             raise _bad_chunk(chunk, "zstd payload but the session has no compression")
+        import zstandard
+
         try:
             raw: bytes = decompressor.decompress(chunk.payload, allow_extra_data=False)
         except zstandard.ZstdError as exc:

@@ -69,6 +69,10 @@ METHODS: dict[str, Method] = {
            offset="int"),
         _m("subscribe", "stream the agent's events as Notification messages",
            topics="list?"),
+        _m("migrate", "run a migration from this agent (vfmig agent --orchestrate)",
+           devices="list", options="map?", progress="bool?"),
+        _m("abort", "abort the run this link asked for (before its commit point)",
+           signal="str?"),
     )
 }  # fmt: skip
 

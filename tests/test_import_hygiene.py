@@ -101,3 +101,32 @@ def test_a_command_loads_only_its_own_module(tmp_path: object) -> None:
         or m.startswith(("vfmig.engine", "vfmig.journal", "vfmig.cli.migrate"))
     ]
     assert not heavy, f"vfmig fsm loaded {heavy}"
+
+
+def test_a_thin_migrate_client_loads_no_trio_and_no_engine(tmp_path: object) -> None:
+    """``vfmig migrate --via`` (ADR 0010) is a blocking client of the protocol: its start-up
+    is what a short migration pays for, so trio, the engine and rich stay out."""
+    code = (
+        "import sys, io, contextlib, pathlib\n"
+        "from vfmig.cli.main import main\n"
+        "from vfmig.engine.keys import create_key\n"
+        "create_key(pathlib.Path('k'))\n"
+        "quiet = io.StringIO()\n"
+        "with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):\n"
+        "    status = main(['migrate', '--via', '127.0.0.1:1', '--key-file', 'k', '--json',\n"
+        "                   'sim:a@127.0.0.1:1', 'sim:b@127.0.0.1:2'])\n"
+        "print(status, *sorted(sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True, check=True
+    )
+    status, *loaded = out.stdout.split()
+    assert status == "4"  # nobody listens there: the client got as far as connecting
+    heavy = [
+        m
+        for m in loaded
+        if m.split(".")[0] in ("trio", "rich", "zstandard")
+        or (m.startswith("vfmig.engine.") and m != "vfmig.engine.keys")
+        or m.startswith("vfmig.journal")
+    ]
+    assert not heavy, f"vfmig migrate --via loaded {heavy}"

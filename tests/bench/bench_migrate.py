@@ -25,7 +25,9 @@ RSS (VmHWM) of each agent and of the migrate command. Times are wall-clock of th
 command, process start-up included; vfmig's own run time (``total_ms`` of ``vfmig migrate
 --json``: without the interpreter's start-up) is shown next to it.
 
-``--journal-cost`` and ``--against`` replace the peer by a second set of vfmig agents
+``--via`` has each round's ``vfmig migrate`` ask the source agent (``--orchestrate``) to
+run the migration (the thin client of ADR 0010). ``--journal-cost`` and ``--against``
+replace the peer by a second set of vfmig agents
 (without journals; another installation's) and pair the rounds.
 
 Until ``vfmig migrate`` and ``vfmig agent`` exist, only the peer half runs (and says so).
@@ -216,15 +218,23 @@ class Agents:
     destination_dir: Path
     processes: list[subprocess.Popen[bytes]]
     vfmig: Path  #: the command the agents run, and the rounds' ``vfmig migrate``
+    #: The rounds' ``vfmig migrate --via`` the source agent (which then orchestrates).
+    via: bool = False
 
 
 @contextlib.contextmanager
 def agents(
-    work: Path, name: str = "", *, journal: bool = True, pin: Pin = None, vfmig: Path = VFMIG
+    work: Path,
+    name: str = "",
+    *,
+    journal: bool = True,
+    pin: Pin = None,
+    vfmig: Path = VFMIG,
+    via: bool = False,
 ) -> Iterator[Agents]:
     """A source and a destination agent of the ``vfmig`` command (``name`` prefixes their
     files), each journaling its runs into a directory of its own unless ``journal`` is off
-    (``--no-journal``)."""
+    (``--no-journal``); with ``via`` the source agent orchestrates the rounds' runs."""
     key = work / "vfmig.key"
     if not key.exists():
         command = [str(vfmig), "keygen", str(key)]
@@ -243,11 +253,13 @@ def agents(
                 command += ["--journal-dir", str(work / f"{name}{role}-journals")]
             else:
                 command += ["--no-journal"]
+            if via and role == "source":
+                command += ["--orchestrate"]
             command = pinned(command, pin, sending=role == "source")
             processes.append(subprocess.Popen(command, stdout=log, stderr=log, env=VFMIG_ENV))
             log.close()
             wait_listening(port, processes[-1], f"the {role} agent")
-        yield Agents(key, ports[0], ports[1], dirs[0], dirs[1], processes, vfmig)
+        yield Agents(key, ports[0], ports[1], dirs[0], dirs[1], processes, vfmig, via)
     finally:
         for process in processes:
             process.terminate()
@@ -273,6 +285,8 @@ def vfmig_round(
         "--no-precopy",
         "--json",
     ]
+    if setup.via:
+        command += ["--via", f"127.0.0.1:{setup.source_port}"]
     out, err = logs / "migrate.json", logs / "migrate.log"
     agents_before = [cpu_seconds(process.pid) for process in setup.processes]
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
@@ -367,7 +381,9 @@ def alternating_rounds(
     keys = list(variants)
     runs: dict[K, list[Run]] = {key: [] for key in keys}
     with contextlib.ExitStack() as stack:
-        setups = {key: stack.enter_context(agents(work, **variants[key])) for key in keys}
+        setups = {
+            key: stack.enter_context(agents(work, via=args.via, **variants[key])) for key in keys
+        }
         for setup in setups.values():
             os.link(state, setup.source_dir / "state.bin")
         for number in range(args.rounds):
@@ -486,6 +502,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "installation's vfmig command (a venv's bin/vfmig, say that of the commit before a "
         "change); prints both medians and their difference paired by round",
     )
+    parser.add_argument(
+        "--via",
+        action="store_true",
+        help="every round's vfmig migrate asks the source agent to run the migration "
+        "(vfmig migrate --via; the source agent runs with --orchestrate): the thin client "
+        "of ADR 0010 instead of an orchestrator in the command",
+    )
     args = parser.parse_args(argv)
     if args.against and args.journal_cost:
         raise BenchError("--against and --journal-cost are two different benchmarks: one at a time")
@@ -525,7 +548,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ours: list[Run] = []
         hwm: tuple[int, int] | None = None
         with contextlib.ExitStack() as stack:
-            setup = None if without_engine else stack.enter_context(agents(work, pin=pin))
+            setup = (
+                None if without_engine else stack.enter_context(agents(work, pin=pin, via=args.via))
+            )
             if setup is not None:  # the source device reads the peer's file (no copy)
                 os.link(state, setup.source_dir / "state.bin")
             for number in range(args.rounds):

@@ -184,6 +184,22 @@ def run_cli(*argv: str) -> Result:
     return Result(status, out.getvalue(), err.getvalue())
 
 
+def signal_in_precopy(argv: list[str], sig: int, cwd: Path) -> Result:
+    """``vfmig ARGV`` as a process, sent ``sig`` once it prints that precopy began."""
+    command = [sys.executable, "-m", "vfmig", *argv]
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if "phase precopy" in line:
+                break
+        process.send_signal(sig)
+        stdout, stderr = process.communicate(timeout=60)
+    return Result(process.returncode, stdout, stderr)
+
+
 @pytest.fixture
 def cli() -> object:
     """``cli(*argv) -> Result``: run a vfmig command in this process."""

@@ -8,11 +8,10 @@ import signal
 import pytest
 import trio
 
-from vfmig.core.errors import ExitStatus
+from vfmig.core.errors import ExitStatus, PeerError
 from vfmig.core.fsm import DeviceState
 from vfmig.core.model import Outcome
 from vfmig.engine.agent import AgentConfig
-from vfmig.engine.link import PeerError
 from vfmig.engine.local import LocalAgent
 
 S = DeviceState

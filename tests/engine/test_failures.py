@@ -5,14 +5,13 @@ hanging, and every kind of stream fault. Each case checks both devices' final st
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
 from vfmig.core.fsm import DeviceState
+
+from .conftest import signal_in_precopy
 
 S = DeviceState
 RU, ST, SC, RS = S.RUNNING, S.STOP, S.STOP_COPY, S.RESUMING
@@ -219,18 +218,9 @@ def test_a_signal_rolls_back_and_exits_130(sims, sig, tmp_path) -> None:
     # 2 MiB reads 40 ms apart: precopy of 64 MiB takes 1.3 s
     src = sims.spec("a", size=64 << 20, image=False, read_delay="40ms")
     dst = sims.spec("b", size=64 << 20, image=False, dump=True)
-    command = [sys.executable, "-m", "vfmig", "migrate", src, dst]
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env
-    ) as process:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if "phase precopy" in line:
-                break
-        process.send_signal(sig)
-        stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stdout + stderr
+    result = signal_in_precopy(["migrate", src, dst], sig, tmp_path)
+    stdout, stderr = result.stdout, result.stderr
+    assert result.status == 130, stdout + stderr
     assert "vfmig: error: precopy: interrupted by a signal" in stderr
     assert f"({sig.name}: interrupted by the user)" in stderr
     assert "phase rollback" in stdout

@@ -8,11 +8,12 @@ import pytest
 import trio
 import trio.testing
 
+from vfmig.core.errors import PeerError
 from vfmig.core.events import ChunkReceived, StreamEnded, from_record
 from vfmig.core.model import DeviceId
 from vfmig.engine import wire
 from vfmig.engine.agent import ControlSession
-from vfmig.engine.link import Link, LinkClosed, PeerError, RpcError, with_link
+from vfmig.engine.link import Link, LinkClosed, RpcError, with_link
 from vfmig.protocol import (
     Config,
     Connection,

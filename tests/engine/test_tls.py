@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from vfmig.core.errors import PeerError
 from vfmig.core.fsm import DeviceState
 from vfmig.core.model import Outcome
-from vfmig.engine.link import PeerError
 
 S = DeviceState
 

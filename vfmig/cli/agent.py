@@ -13,6 +13,10 @@ a fallback did) into ``--journal-dir`` (default: the journal store), one journal
 so a host that lost its orchestrator still has a record; ``--journal-data`` adds the
 streams it receives (``vfmig load`` re-drives them).
 
+With ``--orchestrate`` it also runs whole migrations for thin clients (``vfmig migrate
+--via``, :mod:`vfmig.engine.hosted`), journaled into the same directory as ``vfmig
+migrate`` would journal them (the orchestrator's journal, merged with the agents').
+
 It keeps a ledger of the runs it serves in ``--state-file`` (default: ``agent-HOST-PORT.ledger``
 beside the journal store), so that, restarted after a crash, it first brings back the
 devices it was migrating and still knows its commit verdicts (:mod:`vfmig.engine.ledger`).
@@ -110,6 +114,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="keep the newest N journals of the directory (default 20)",
     )
     parser.add_argument(
+        "--orchestrate",
+        action="store_true",
+        help="also run whole migrations for 'vfmig migrate --via' clients (this agent then "
+        "connects to the agents a client names, with its own key and TLS settings); their "
+        "journals go into --journal-dir",
+    )
+    parser.add_argument(
         "--state-file",
         type=Path,
         metavar="PATH",
@@ -139,8 +150,8 @@ def _tls(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, ssl.SSLContex
 
 
 def run(args: argparse.Namespace, env: Environment) -> int:
+    from vfmig.core.spec import split_address
     from vfmig.engine.keys import load_key
-    from vfmig.engine.link import split_address
 
     try:
         host, port = split_address(args.listen)
@@ -172,8 +183,8 @@ def run(args: argparse.Namespace, env: Environment) -> int:
         print(f"{stamp} vfmig agent: {line}", file=env.stderr, flush=True)
 
     journals = None
+    store = JournalStore(args.journal_dir, keep=args.keep_journals or DEFAULT_KEEP)
     if not args.no_journal:
-        store = JournalStore(args.journal_dir, keep=args.keep_journals or DEFAULT_KEEP)
         journals = RunJournals(store, host=socket.gethostname(), data=args.journal_data, log=log)
     ledger = None
     if args.state_file is not None or port != 0:
@@ -191,6 +202,7 @@ def run(args: argparse.Namespace, env: Environment) -> int:
         log=log,
         journal=journals,
         ledger=ledger,
+        host_runs=store if args.orchestrate else None,
     )
     try:
         trio.run(_serve, config, journals, host, port)

@@ -27,32 +27,27 @@ textual never.
 
 from __future__ import annotations
 
-import ssl
 from typing import TYPE_CHECKING, Any
 
-from vfmig.core.errors import UsageError, VfmigError, errno_name
+from vfmig.core.errors import UsageError, VfmigError
 from vfmig.core.spec import parse_spec
 
 if TYPE_CHECKING:
     import argparse
+    import ssl
     from collections.abc import Callable
     from pathlib import Path
 
-    import trio
-
     from vfmig.cli.context import Environment
     from vfmig.cli.progress import ProgressDisplay
+    from vfmig.core.options import RunOptions
     from vfmig.core.spec import DeviceSpec
-    from vfmig.engine.bus import Record, Subscription
+    from vfmig.engine.bus import Subscription
     from vfmig.engine.orchestrator import Orchestrator, RunReport
     from vfmig.journal.writer import JournalWriter
 
 #: Step timeout (seconds) when --timeout is not given.
 DEFAULT_STEP_TIMEOUT = 30.0
-#: How long precopy may go on past --max-precopy while switchover-acks are missing.
-PRECOPY_ACK_GRACE_NS = 60 * 10**9
-#: How long the commit waits for the journal to hold the commit point on disk.
-COMMIT_JOURNAL_TIMEOUT = 10.0
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -135,6 +130,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="N",
         help="the journal store keeps the newest N journals (default 20)",
     )
+    parser.add_argument(
+        "--via",
+        metavar="HOST:PORT",
+        help="have the agent there run the migration (vfmig agent --orchestrate): this "
+        "command then only asks and shows; every device must be on an agent",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON envelope")
     parser.set_defaults(run=run)
 
@@ -192,6 +193,8 @@ def client_tls(cert: Path | None, key: Path | None, ca: Path | None) -> ssl.SSLC
     """A TLS client context from --tls-*, or None for plain TCP."""
     if cert is None and key is None and ca is None:
         return None
+    import ssl
+
     if (cert is None) != (key is None):
         raise UsageError("--tls-cert and --tls-key go together")
     try:
@@ -205,6 +208,7 @@ def client_tls(cert: Path | None, key: Path | None, ca: Path | None) -> ssl.SSLC
 
 def run(args: argparse.Namespace, env: Environment) -> int:
     pairs = pairs_of(args.devices)
+    options = _options(args)
     remote = any(spec.remote for pair in pairs for spec in pair)
     key: bytes | None = None
     if args.key_file is not None:
@@ -219,64 +223,98 @@ def run(args: argparse.Namespace, env: Environment) -> int:
     tls = client_tls(args.tls_cert, args.tls_key, args.tls_ca)
     if args.journal is not None and args.keep_journals is not None:
         raise UsageError("--keep-journals is for the journal store: not with --journal PATH")
-    journal: list[Path] = []  # the run's journal, once created
-
-    import trio
-
+    journal: list[str] = []  # the run's journal, once created
     try:
-        report = trio.run(_migrate, args, env, pairs, key, tls, journal)
+        if args.via is not None:
+            result, summary = _via(args, env, pairs, options, key, tls, journal)
+        else:
+            import trio
+
+            result, summary = trio.run(_migrate, args, env, pairs, options, key, tls, journal)
     except VfmigError as exc:
         if not args.json:
             raise
         error = {"outcome": None, "message": exc.message, "hint": exc.hint}
         if journal:
-            error["journal"] = str(journal[0])
+            error["journal"] = journal[0]
         env.emit_json("migrate", None, error=error)
         return int(exc.exit_status)
-    if args.json:
-        result = {**_json_result(report), "journal": str(journal[0])}
-        env.emit_json("migrate", result, error=_json_error(report))
+    return finish(env, result, summary, json=args.json)
+
+
+def _via(
+    args: argparse.Namespace,
+    env: Environment,
+    pairs: list[tuple[DeviceSpec, DeviceSpec]],
+    options: RunOptions,
+    key: bytes | None,
+    tls: ssl.SSLContext | None,
+    journal: list[str],
+) -> tuple[dict[str, Any], Callable[[], None] | None]:
+    """The run, hosted by the agent at ``--via`` (:mod:`vfmig.cli.via`)."""
+    from vfmig.cli.via import HostedRunError, run_via
+
+    here = [str(spec) for pair in pairs for spec in pair if not spec.remote]
+    if here:
+        raise UsageError(
+            f"--via runs the migration on an agent: every device needs its @HOST:PORT "
+            f"({here[0]} has none)"
+        )
+    if args.journal is not None or args.keep_journals is not None:
+        raise UsageError(
+            "a run an agent hosts is journaled on the agent's host: neither --journal nor "
+            "--keep-journals goes with --via (the agent's --journal-dir and --keep-journals do)"
+        )
+    assert key is not None  # remote devices need it
+    try:
+        return run_via(args.via, env, args.devices, options, key=key, tls=tls, json=args.json)
+    except HostedRunError as exc:
+        if exc.journal is not None:
+            journal.append(exc.journal)
+        raise
+
+
+def _options(args: argparse.Namespace) -> RunOptions:
+    from vfmig.core.options import RunOptions
+
+    return RunOptions(
+        downtime_limit_ms=args.downtime_limit,
+        max_precopy_s=args.max_precopy,
+        precopy=not args.no_precopy,
+        allow_no_p2p=args.allow_no_p2p,
+        compress_level=args.compress_level,
+        step_timeout_s=args.timeout,
+        journal_data=args.journal_data,
+    )
+
+
+def finish(
+    env: Environment, result: dict[str, Any], summary: Callable[[], None] | None, *, json: bool
+) -> int:
+    """Say how the run ended (``result`` as :func:`~vfmig.engine.journaled.report_result`
+    gives it, with its journal); ``summary`` prints the display's summary first."""
+    if json:
+        env.emit_json("migrate", result, error=_json_error(result))
     else:
-        _print_errors(env, report)
-        env.print(f"journal: {journal[0]}")
-    return int(report.outcome.exit_status)
+        if summary is not None:
+            summary()
+        _print_errors(env, result)
+        host = result.get("journal_host")
+        env.print(
+            f"journal: {host}:{result['journal']}" if host else f"journal: {result['journal']}"
+        )
+    return int(result["exit_status"])
 
 
 def _open_journal(
     args: argparse.Namespace, pairs: list[tuple[DeviceSpec, DeviceSpec]], run_id: str
 ) -> JournalWriter:
     """The run's journal writer (``--journal PATH`` or the store), on the bus's clock."""
-    import platform
-    import socket
-    import time
-
-    import trio
-
-    from vfmig import __version__
-    from vfmig.core.model import destination, source
-    from vfmig.journal.codec import DeviceInfo, JournalHeader
-    from vfmig.journal.recorder import bus_clock
+    from vfmig.engine.journaled import orchestrator_header
     from vfmig.journal.store import DEFAULT_KEEP, JournalStore
     from vfmig.journal.writer import JournalWriter
 
-    devices = []
-    for i, (src, dst) in enumerate(pairs):
-        devices += [
-            DeviceInfo(id=source(i), spec=str(src)),
-            DeviceInfo(id=destination(i), spec=str(dst)),
-        ]
-    header = JournalHeader(
-        host=socket.gethostname(),
-        role="orchestrator",
-        run_id=run_id,
-        kernel=platform.release(),
-        start_wall_ns=time.time_ns(),
-        start_mono_ns=int(trio.current_time() * 1e9),
-        devices=tuple(devices),
-        data=bool(args.journal_data),
-        vfmig=__version__,
-    )
-    clock = bus_clock()
+    header, clock = orchestrator_header(pairs, run_id, data=bool(args.journal_data))
     if args.journal is not None:
         return JournalWriter.create(args.journal, header, mono_clock=clock)
     store = JournalStore(keep=args.keep_journals or DEFAULT_KEEP)
@@ -287,10 +325,11 @@ async def _migrate(
     args: argparse.Namespace,
     env: Environment,
     pairs: list[tuple[DeviceSpec, DeviceSpec]],
+    options: RunOptions,
     key: bytes | None,
     tls: ssl.SSLContext | None,
-    journal: list[Path],
-) -> RunReport:
+    journal: list[str],
+) -> tuple[dict[str, Any], Callable[[], None] | None]:
     import secrets
     import signal
     from functools import partial
@@ -299,53 +338,14 @@ async def _migrate(
 
     from vfmig.core.events import summarize
     from vfmig.core.model import destination, source
-    from vfmig.core.phases import MachineConfig, PhaseTimeouts, PrecopyMode
-    from vfmig.core.policy import ConvergenceConfig
-    from vfmig.engine.bus import EventBus, Lossless, Ring
+    from vfmig.engine.journaled import report_result, run_journaled
     from vfmig.engine.link import connect
-    from vfmig.engine.orchestrator import Endpoint, Orchestrator, OrchestratorConfig
-    from vfmig.journal.collect import Collector
-    from vfmig.journal.recorder import Written, record
+    from vfmig.engine.orchestrator import LOCAL, Endpoint
     from vfmig.journal.runs import DataCapture
 
-    step = float(args.timeout)
-    max_precopy_ns = int(args.max_precopy * 1e9)
-    machine = MachineConfig(
-        precopy=PrecopyMode.OFF if args.no_precopy else PrecopyMode.AUTO,
-        allow_no_p2p=args.allow_no_p2p,
-        convergence=ConvergenceConfig(
-            downtime_limit_ns=int(args.downtime_limit * 1e6), max_precopy_ns=max_precopy_ns
-        ),
-        # Precopy may outlast its cap while acks are still due: by a minute at most.
-        timeouts=PhaseTimeouts(precopy_ns=max_precopy_ns + PRECOPY_ACK_GRACE_NS),
-        step_timeout_ns=int(step * 1e9),
-    )
-    config = OrchestratorConfig(
-        machine=machine, compress_level=args.compress_level, journal_data=args.journal_data
-    )
-    bus = EventBus()
     run_id = secrets.token_hex(8)
     writer = _open_journal(args, pairs, run_id)  # the header is synced: a few ms
-    journal.append(writer.path)
-    written = Written()
-    recorded = trio.Event()
-
-    async def recorder(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            await record(
-                bus.subscribe(Lossless(1024)), writer, written=written, task_status=task_status
-            )
-        finally:
-            recorded.set()
-
-    async def commit_point_on_disk(commit: Record) -> None:
-        with trio.move_on_after(COMMIT_JOURNAL_TIMEOUT):
-            if await written.wait(commit.seq):
-                return
-        print(
-            f"vfmig: warning: the commit point is not on disk in {writer.path}; committing",
-            file=env.stderr,
-        )
+    journal.append(str(writer.path))
 
     async def remote(address: str) -> tuple[trio.abc.Stream, bytes | None]:
         return await connect(address, ssl_context=tls), key
@@ -360,17 +360,20 @@ async def _migrate(
     def warn(line: str) -> None:
         print(f"vfmig: warning: {line}", file=env.stderr)
 
-    agents = list(endpoints)  # the agents' addresses (the in-process agent is added below)
-    collector = Collector(run_id, writer.path, agents, warn=warn) if agents else None
     names = {}
     for i, (src, dst) in enumerate(pairs):
         names[source(i)], names[destination(i)] = str(src), str(dst)
     shown: list[ProgressDisplay] = []  # created at the first event: none if nothing happened
-    failure: Exception | None = None
+    watchers = []
+    if not args.json:
+        from vfmig.cli.progress import ProgressDisplay  # rich: not for --json
+
+        make = partial(ProgressDisplay, env, live=env.stdout_isatty, names=names)
+        watchers.append(partial(_show, make, shown))
     report: RunReport | None = None
+    failure: Exception | None = None
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(recorder)
             if any(not spec.remote for pair in pairs for spec in pair):
                 # Device backends are loaded only when this process serves devices.
                 from vfmig.engine.agent import AgentConfig
@@ -379,45 +382,37 @@ async def _migrate(
                 capture = DataCapture(writer) if args.journal_data else None
                 local = LocalAgent(
                     AgentConfig(
-                        name="local", key=key, step_timeout=step, client_ssl=tls, journal=capture
+                        name="local",
+                        key=key,
+                        step_timeout=options.step_timeout_s,
+                        client_ssl=tls,
+                        journal=capture,
                     )
                 )
                 await nursery.start(local.run)
-                endpoints["local"] = local.endpoint()
-            orchestrator = Orchestrator(
-                pairs,
-                endpoints,
-                bus,
-                config,
-                run_id=run_id,
-                commit_hook=commit_point_on_disk,
-                end_hook=collector,
-            )
-            nursery.start_soon(_on_signals, signals, orchestrator)
-            done = trio.Event()
-            if args.json:
-                done.set()
-            else:
-                from vfmig.cli.progress import ProgressDisplay  # rich: not for --json
-
-                make = partial(ProgressDisplay, env, live=env.stdout_isatty, names=names)
-                nursery.start_soon(_show, make, bus.subscribe(Ring(4096)), shown, done)
+                endpoints[LOCAL] = local.endpoint()
             try:
-                report = await orchestrator.run()
+                report = await run_journaled(
+                    pairs,
+                    endpoints,
+                    options,
+                    writer,
+                    run_id=run_id,
+                    warn=warn,
+                    watchers=watchers,
+                    controllers=[partial(_on_signals, signals)],
+                )
             except Exception as exc:  # re-raised outside the nursery (a VfmigError)
                 failure = exc
-            bus.close()
-            await done.wait()
-            await recorded.wait()  # the journal is written and closed
             nursery.cancel_scope.cancel()
-    if collector is not None:  # the agents' journals, fetched at the end of the run
-        await trio.to_thread.run_sync(collector.merge)
-    for display in shown:
-        display.close(summarize(report.tally) if report is not None else None)
     if failure is not None:
+        for display in shown:
+            display.close(None)
         raise failure
     assert report is not None
-    return report
+    tally = report.tally
+    summary = (lambda: shown[0].close(summarize(tally))) if shown else None
+    return {**report_result(report), "journal": journal[0]}, summary
 
 
 async def _on_signals(signals: Any, orchestrator: Orchestrator) -> None:
@@ -429,10 +424,7 @@ async def _on_signals(signals: Any, orchestrator: Orchestrator) -> None:
 
 
 async def _show(
-    make: Callable[[], ProgressDisplay],
-    subscription: Subscription,
-    shown: list[ProgressDisplay],
-    done: trio.Event,
+    make: Callable[[], ProgressDisplay], shown: list[ProgressDisplay], subscription: Subscription
 ) -> None:
     """Feed the display until the bus closes (lagging, it skips records: the summary at the
     end comes from the orchestrator's complete tally)."""
@@ -443,68 +435,30 @@ async def _show(
             if not shown:
                 shown.append(make())
             shown[0].handle(item.event, at_ns=item.at_ns)
-    done.set()
 
 
-def _print_errors(env: Environment, report: RunReport) -> None:
+def _print_errors(env: Environment, result: dict[str, Any]) -> None:
     """One line per error a failed run met (device, phase, step, errno, explanation)."""
-    from vfmig.core.model import Outcome
-
-    if report.outcome is Outcome.COMPLETED and not report.errors:
+    errors = result["errors"]
+    if result["outcome"] == "completed" and not errors:
         return
-    for error in report.errors:
-        who = f"{error.device} ({report.names[error.device]}): " if error.device else ""
-        code = f" ({errno_name(error.errno)})" if error.errno is not None else ""
-        where = error.phase.value
-        if error.step != where:
-            where += f": {error.step}"
-        print(f"vfmig: error: {who}{where}: {error.message}{code}", file=env.stderr)
-        if error.hint:
-            print(f"hint: {error.hint}", file=env.stderr)
-    if report.errors:  # the summary would repeat the first of them: the outcome says enough
-        many = f" ({len(report.errors)} errors)" if len(report.errors) > 1 else ""
-        print(f"vfmig: {report.outcome.value}{many}", file=env.stderr)
+    for error in errors:
+        who = f"{error['device']} ({error['spec']}): " if error["device"] else ""
+        code = f" ({error['errno_name']})" if error["errno"] is not None else ""
+        where = error["phase"]
+        if error["step"] != where:
+            where += f": {error['step']}"
+        print(f"vfmig: error: {who}{where}: {error['message']}{code}", file=env.stderr)
+        if error["hint"]:
+            print(f"hint: {error['hint']}", file=env.stderr)
+    if errors:  # the summary would repeat the first of them: the outcome says enough
+        many = f" ({len(errors)} errors)" if len(errors) > 1 else ""
+        print(f"vfmig: {result['outcome']}{many}", file=env.stderr)
     else:
-        print(f"vfmig: {report.summary}", file=env.stderr)
+        print(f"vfmig: {result['summary']}", file=env.stderr)
 
 
-def _json_result(report: RunReport) -> dict[str, Any]:
-    from vfmig.core.events import summarize
-
-    summary = summarize(report.tally)
-    downtime = summary.downtime
-    return {
-        "run": report.run,
-        "outcome": report.outcome.value,
-        "exit_status": int(report.outcome.exit_status),
-        "summary": report.summary,
-        "devices": {str(dev): name for dev, name in report.names.items()},
-        "bytes": {
-            str(dev): {"raw": t.raw_bytes, "wire": t.wire_bytes}
-            for dev, t in summary.devices.items()
-        },
-        "total_ms": summary.total_ns / 1e6,
-        "downtime_ms": None if downtime is None else downtime.total_ns / 1e6,
-        "errors": [
-            {
-                "device": None if e.device is None else str(e.device),
-                "spec": None if e.device is None else report.names[e.device],
-                "phase": e.phase.value,
-                "step": e.step,
-                "errno": e.errno,
-                "errno_name": None if e.errno is None else errno_name(e.errno),
-                "cause": e.cause.value,
-                "message": e.message,
-                "hint": e.hint,
-            }
-            for e in report.errors
-        ],
-    }
-
-
-def _json_error(report: RunReport) -> dict[str, Any] | None:
-    from vfmig.core.model import Outcome
-
-    if report.outcome is Outcome.COMPLETED:
+def _json_error(result: dict[str, Any]) -> dict[str, Any] | None:
+    if result["outcome"] == "completed":
         return None
-    return {"outcome": report.outcome.value, "message": report.summary}
+    return {"outcome": result["outcome"], "message": result["summary"]}

@@ -58,6 +58,20 @@ class SpecError(UsageError):
     """A device spec that does not parse; the message names the offending part."""
 
 
+class PeerError(VfmigError):
+    """A peer could not be reached, authenticated or understood, or its link broke."""
+
+    exit_status = ExitStatus.PEER
+
+    def __init__(
+        self, peer: str, message: str, *, code: str | None = None, hint: str | None = None
+    ) -> None:
+        super().__init__(f"{peer}: {message}", hint=hint)
+        self.peer = peer
+        self.reason = message
+        self.code = code
+
+
 #: Names the kernel uses where Python's errorcode picks an alias of the same number.
 _KERNEL_NAMES = {
     _errno.EOPNOTSUPP: "EOPNOTSUPP",

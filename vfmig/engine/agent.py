@@ -68,7 +68,14 @@ import trio
 import zstandard
 
 from vfmig.core.compression import CompressionProbe
-from vfmig.core.errors import DataError, DeviceError, DeviceHung, RequestRefused, VfmigError
+from vfmig.core.errors import (
+    DataError,
+    DeviceError,
+    DeviceHung,
+    PeerError,
+    RequestRefused,
+    VfmigError,
+)
 from vfmig.core.events import (
     ChunkReceived,
     ChunkSent,
@@ -95,16 +102,9 @@ from vfmig.core.phases import AgentKnowledge, DeviceKnowledge, PeerAnswer, agent
 from vfmig.core.spec import parse_spec
 from vfmig.device.open import open_device
 from vfmig.engine import wire
+from vfmig.engine.hosted import HostedError, HostedRuns
 from vfmig.engine.ledger import LedgerDevice, public_spec
-from vfmig.engine.link import (
-    INPROC,
-    Link,
-    LinkClosed,
-    PeerError,
-    connect,
-    protocol_config,
-    with_link,
-)
+from vfmig.engine.link import INPROC, Link, LinkClosed, connect, protocol_config, with_link
 from vfmig.engine.wire import Code, Fact, FactKind, Progress, Verdict
 from vfmig.engine.worker import ENCODERS, DeviceWorker, ReadResult, thread_executor
 from vfmig.protocol import (
@@ -138,6 +138,7 @@ if TYPE_CHECKING:
     from vfmig.engine.ledger import Ledger
     from vfmig.engine.worker import Executor
     from vfmig.journal.runs import AgentJournal
+    from vfmig.journal.store import JournalStore
     from vfmig.protocol import Event, Value
 
 #: Largest chunk read from a data fd. QEMU reads 1 MiB; 2 MiB cut the agents' CPU per byte
@@ -195,6 +196,9 @@ class AgentConfig:
     journal: AgentJournal | None = None
     #: The durable record of the runs it serves (``vfmig agent --state-file``).
     ledger: Ledger | None = None
+    #: Host runs for thin clients (``vfmig agent --orchestrate``), journaled into this
+    #: store; None refuses ``migrate`` (:mod:`vfmig.engine.hosted`).
+    host_runs: JournalStore | None = None
 
 
 # --- state ------------------------------------------------------------------------------------
@@ -324,6 +328,7 @@ class Agent:
         self._graces: dict[str, trio.CancelScope] = {}
         self._changed = trio.Event()
         self.stopping = False
+        self._hosted = None if config.host_runs is None else HostedRuns(self, config.host_runs)
 
     def log(self, line: str) -> None:
         self.config.log(line)
@@ -478,6 +483,8 @@ class Agent:
             return await self._commit(session, _param(params, "run", str))
         if method == "journal":
             return await self._journal_part(session, params)
+        if method in ("migrate", "abort"):
+            return await self._host(session, method, params)
         handler = _DEVICE_METHODS.get(method)
         if handler is None:
             raise _AgentError(Code.UNKNOWN_METHOD, f"this agent does not serve {method!r}")
@@ -486,6 +493,25 @@ class Agent:
             return await handler(self, slot, params)
         finally:
             await self._flush_ioctls(slot)
+
+    async def _host(self, session: ControlSession, method: str, params: dict[str, Value]) -> Value:
+        if self._hosted is None:
+            raise _AgentError(
+                Code.REFUSED,
+                "this agent does not orchestrate runs (start it with vfmig agent --orchestrate)",
+            )
+        if self.stopping:
+            raise _AgentError(Code.REFUSED, "the agent is shutting down")
+        try:
+            if method == "migrate":
+                return await self._hosted.migrate(session, params)
+            signal = params.get("signal")
+            reason = "interrupted by the user" if isinstance(signal, str) else "aborted"
+            return await self._hosted.abort(
+                session, reason, signal if isinstance(signal, str) else None
+            )
+        except HostedError as exc:
+            raise _AgentError(Code.BAD_PARAMS, exc.message) from None
 
     def _slot(self, session: ControlSession, handle: str) -> Slot:
         slot = self.slots.get(handle)
@@ -813,6 +839,8 @@ class Agent:
     # --- losing the orchestrator --------------------------------------------------------------
 
     def _session_ended(self, session: ControlSession) -> None:
+        if self._hosted is not None:
+            self._hosted.session_ended(session)
         for run in self.runs.values():
             if run.owner is session and any(s in self.slots.values() for s in run.slots):
                 grace = self.config.grace

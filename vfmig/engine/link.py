@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Final, TypeVar
 
 import trio
 
-from vfmig.core.errors import ExitStatus, VfmigError
+from vfmig.core.errors import ExitStatus, PeerError, VfmigError
+from vfmig.core.spec import split_address
 from vfmig.protocol import (
     DEFAULT_COMPRESSION_LEVEL,
     Config,
@@ -83,20 +84,6 @@ def protocol_config(key: bytes | None, *, level: int | None = DEFAULT_COMPRESSIO
     return Config(key=key, compression_level=level)
 
 
-class PeerError(VfmigError):
-    """A peer could not be reached, authenticated or understood, or its link broke."""
-
-    exit_status = ExitStatus.PEER
-
-    def __init__(
-        self, peer: str, message: str, *, code: str | None = None, hint: str | None = None
-    ) -> None:
-        super().__init__(f"{peer}: {message}", hint=hint)
-        self.peer = peer
-        self.reason = message
-        self.code = code
-
-
 class LinkClosed(PeerError):
     """The link is closed or closing: nothing more can be sent on it."""
 
@@ -127,21 +114,6 @@ class _Call:
     done: trio.Event = field(default_factory=trio.Event)
     result: Value = None
     error: VfmigError | None = None
-
-
-def split_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); ValueError otherwise."""
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-    else:
-        host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    return host, int(port)
-
-
-def join_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def connect(

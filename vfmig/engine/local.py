@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from vfmig.core.errors import PeerError
 from vfmig.engine.agent import Agent
-from vfmig.engine.link import PeerError
 from vfmig.engine.orchestrator import LOCAL, Endpoint
 
 if TYPE_CHECKING:

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from vfmig.core import events
+from vfmig.core.errors import PeerError
 from vfmig.core.events import (
     CommitPointPassed,
     ErrorRaised,
@@ -95,16 +96,9 @@ from vfmig.core.model import (
 )
 from vfmig.core.model import DeviceSpec as MachineSpec
 from vfmig.core.phases import MachineConfig, MigrationMachine
+from vfmig.core.spec import join_address, split_address
 from vfmig.engine import wire
-from vfmig.engine.link import (
-    INPROC,
-    Link,
-    PeerError,
-    RpcError,
-    join_address,
-    protocol_config,
-    split_address,
-)
+from vfmig.engine.link import INPROC, Link, RpcError, protocol_config
 from vfmig.engine.wire import Code, FactKind
 from vfmig.protocol import DEFAULT_COMPRESSION_LEVEL, Connection, Notification
 from vfmig.protocol import Role as LinkRole

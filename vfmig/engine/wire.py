@@ -35,13 +35,16 @@ from typing import TYPE_CHECKING, Any
 from vfmig.core.events import (
     ChunkReceived,
     ChunkSent,
+    Downtime,
     Event,
     RecordError,
+    Summary,
+    Transfer,
     from_record,
     to_record,
 )
 from vfmig.core.fsm import DeviceState, MigrationFlags
-from vfmig.core.model import DeviceId
+from vfmig.core.model import DeviceId, Outcome, Phase
 
 if TYPE_CHECKING:
     from vfmig.protocol import Value
@@ -300,6 +303,53 @@ def parse_verdict(value: Value, run: str) -> Verdict:
         return Verdict(_get(entry, "verdict", str))
     except ValueError:
         raise WireError(f"unknown verdict in {entry!r:.80}") from None
+
+
+# --- a hosted run's summary (vfmig migrate --via) --------------------------------------------
+
+_DOWNTIME_PARTS = tuple(f.name for f in fields(Downtime))
+
+
+def summary_result(s: Summary) -> dict[str, Value]:
+    """A run's :class:`Summary` as msgpack data: transfers as [time_ns, raw, wire]."""
+
+    def transfer(t: Transfer) -> list[Value]:
+        return [t.time_ns, t.raw_bytes, t.wire_bytes]
+
+    downtime = s.downtime
+    return {
+        "total_ns": s.total_ns,
+        "devices": {str(dev): transfer(t) for dev, t in s.devices.items()},
+        "phases": {phase.value: transfer(t) for phase, t in s.phases.items()},
+        "downtime": None if downtime is None else [getattr(downtime, n) for n in _DOWNTIME_PARTS],
+        "outcome": None if s.outcome is None else s.outcome.value,
+    }
+
+
+def parse_summary(value: Value) -> Summary:
+    """The inverse of :func:`summary_result` (WireError if it is not one)."""
+
+    def transfer(data: Any) -> Transfer:
+        if not (isinstance(data, list) and len(data) == 3 and all(type(n) is int for n in data)):
+            raise WireError(f"bad transfer {data!r:.80}")
+        return Transfer(time_ns=data[0], raw_bytes=data[1], wire_bytes=data[2])
+
+    devices = _get(value, "devices", dict)
+    phases = _get(value, "phases", dict)
+    parts = _get(value, "downtime", (list, type(None)))
+    outcome = _get(value, "outcome", (str, type(None)))
+    try:
+        return Summary(
+            total_ns=_get(value, "total_ns", int),
+            devices={DeviceId.parse(str(dev)): transfer(t) for dev, t in devices.items()},
+            phases={Phase(phase): transfer(t) for phase, t in phases.items()},
+            downtime=None
+            if parts is None
+            else Downtime(**dict(zip(_DOWNTIME_PARTS, parts, strict=True))),
+            outcome=None if outcome is None else Outcome(outcome),
+        )
+    except (ValueError, TypeError) as exc:
+        raise WireError(f"bad summary: {exc}") from None
 
 
 # --- notifications --------------------------------------------------------------------------

@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+from vfmig.core.errors import PeerError
 from vfmig.engine import wire
-from vfmig.engine.link import PeerError, RpcError
+from vfmig.engine.link import RpcError
 from vfmig.journal.codec import JournalError
 from vfmig.journal.merge import AgentSide, merge_run
 

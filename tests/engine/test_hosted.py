@@ -1,0 +1,297 @@
+"""A run an agent hosts for a thin client (``vfmig migrate --via``, ``vfmig agent --orchestrate``).
+
+The client is the real command (``vfmig migrate --via``) in a worker thread, or a protocol
+link the test drives itself where it must vanish or abort at a chosen moment; the agents
+run in this process over loopback TCP (one test uses agent processes and a signal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from vfmig.core.errors import PeerError
+from vfmig.core.events import PhaseChanged
+from vfmig.core.fsm import DeviceState
+from vfmig.core.model import Phase
+from vfmig.engine import wire
+from vfmig.engine.link import Link, connect, protocol_config
+from vfmig.journal.store import JournalStore
+from vfmig.protocol import Connection, Notification
+from vfmig.protocol import Role as LinkRole
+
+from .conftest import Cluster, RunningAgent, Sims, run_cli, signal_in_precopy
+
+S = DeviceState
+SIZE = 4 << 20
+
+
+@pytest.fixture
+def b_sims(tmp_path: Path) -> Sims:
+    root = tmp_path / "b-sims"
+    root.mkdir()
+    return Sims(root, relative=True)
+
+
+async def two_agents(
+    cluster: Cluster, a_sims: Sims, b_sims: Sims, tmp_path: Path, *, orchestrate: bool = True
+) -> tuple[RunningAgent, RunningAgent]:
+    store = JournalStore(tmp_path / "hosted") if orchestrate else None
+    return await cluster.agent(a_sims, host_runs=store), await cluster.agent(b_sims)
+
+
+async def via(key_file: Path, address: str, *argv: str) -> Any:
+    """``vfmig migrate --via ADDRESS --key-file KEY ARGV`` in a worker thread."""
+    command = ["migrate", "--via", address, "--key-file", str(key_file), *argv]
+    return await trio.to_thread.run_sync(lambda: run_cli(*command))
+
+
+async def test_a_thin_client_has_the_agent_run_the_migration(
+    cluster, remote_sims, b_sims, key_file, tmp_path
+) -> None:
+    a, b = await two_agents(cluster, remote_sims, b_sims, tmp_path)
+    src = remote_sims.spec("a", size=SIZE, at=a.address)
+    dst = b_sims.spec("b", size=SIZE, image=False, dump=True, at=b.address)
+    result = await via(key_file, a.address, "--json", src, dst)
+    assert result.status == 0, result.stdout + result.stderr
+    run = json.loads(result.stdout)["result"]
+    assert run["outcome"] == "completed"
+    assert run["bytes"]["src0"]["raw"] == run["bytes"]["dst0"]["raw"] > SIZE
+    assert run["downtime_ms"] is not None
+    assert (remote_sims.state("a"), b_sims.state("b")) == (S.STOP, S.RUNNING)
+    assert b_sims.dump("b") == remote_sims.image("a")
+    # The run's journal is on the agent's host, merged with both agents' own journals.
+    journal = Path(run["journal"])
+    assert run["journal_host"] == socket.gethostname()
+    assert journal.parent == tmp_path / "hosted"
+    info = json.loads(run_cli("journal", "info", "--json", str(journal)).stdout)["result"]
+    assert info["header"]["role"] == "merged"
+    assert info["outcome"] == "completed"
+    assert len(info["header"]["merged_from"]) == 3
+    assert any(f"run {run['run']} for client" in line for line in a.log)
+    await cluster.settle()
+
+
+async def test_the_thin_client_shows_progress_and_the_summary(
+    cluster, remote_sims, b_sims, key_file, tmp_path
+) -> None:
+    a, b = await two_agents(cluster, remote_sims, b_sims, tmp_path)
+    src = remote_sims.spec("a", size=SIZE, at=a.address)
+    dst = b_sims.spec("b", size=SIZE, image=False, dump=True, at=b.address)
+    result = await via(key_file, a.address, src, dst)
+    assert result.status == 0, result.stderr
+    for line in ("phase precopy", "phase commit", "completed: 1 pair migrated", "downtime"):
+        assert line in result.stdout
+    assert f"journal: {socket.gethostname()}:{tmp_path / 'hosted'}" in result.stdout
+    assert (remote_sims.state("a"), b_sims.state("b")) == (S.STOP, S.RUNNING)
+
+
+async def test_an_agent_without_orchestrate_refuses_the_run(
+    cluster, remote_sims, b_sims, key_file, tmp_path
+) -> None:
+    a, b = await two_agents(cluster, remote_sims, b_sims, tmp_path, orchestrate=False)
+    src = remote_sims.spec("a", size=SIZE, at=a.address)
+    dst = b_sims.spec("b", size=SIZE, image=False, dump=True, at=b.address)
+    result = await via(key_file, a.address, src, dst)
+    assert result.status == 4
+    assert "does not orchestrate runs" in result.stderr
+    assert "hint: start the agent with --orchestrate" in result.stderr
+    assert (remote_sims.state("a"), b_sims.state("b")) == (None, None)
+
+
+async def test_a_wrong_key_is_refused(cluster, remote_sims, b_sims, tmp_path) -> None:
+    from vfmig.engine.keys import create_key
+
+    a, b = await two_agents(cluster, remote_sims, b_sims, tmp_path)
+    other = tmp_path / "other.key"
+    create_key(other)
+    src = remote_sims.spec("a", size=SIZE, at=a.address)
+    dst = b_sims.spec("b", size=SIZE, image=False, at=b.address)
+    result = await via(other, a.address, src, dst)
+    assert result.status == 4
+    assert "authentication failed" in result.stderr
+    assert (remote_sims.state("a"), b_sims.state("b")) == (None, None)
+
+
+async def test_an_unreachable_agent_of_the_run_is_reported_with_the_journal(
+    cluster, remote_sims, b_sims, key_file, tmp_path
+) -> None:
+    a, _ = await two_agents(cluster, remote_sims, b_sims, tmp_path)
+    src = remote_sims.spec("a", size=SIZE, at=a.address)
+    result = await via(key_file, a.address, "--json", src, "sim:b,size=4MiB@127.0.0.1:1")
+    assert result.status == 4, result.stdout + result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert "127.0.0.1:1: cannot connect to the agent" in error["message"]
+    host, _, path = error["journal"].partition(":")
+    assert (host, Path(path).parent) == (socket.gethostname(), tmp_path / "hosted")
+    assert remote_sims.state("a") in (None, S.RUNNING)
+    await cluster.settle()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sim:a", "sim:b@127.0.0.1:1"], "every device needs its @HOST:PORT (sim:a has none)"),
+        (["--journal", "j.vfj", "sim:a@127.0.0.1:1", "sim:b@127.0.0.1:1"], "neither --journal"),
+        (["sim:a@127.0.0.1:1", "sim:b@127.0.0.1:1", "sim:c@127.0.0.1:1"], "come in pairs"),
+    ],
+    ids=["local-device", "journal-path", "odd"],
+)
+def test_what_a_thin_client_cannot_ask_is_a_usage_error(key_file, argv, message) -> None:
+    result = run_cli("migrate", "--via", "127.0.0.1:1", "--key-file", str(key_file), *argv)
+    assert result.status == 2
+    assert message in result.stderr
+
+
+async def test_a_bad_spec_is_refused_by_the_agent_as_bad_params(
+    cluster, remote_sims, b_sims, tmp_path
+) -> None:
+    a, _ = await two_agents(cluster, remote_sims, b_sims, tmp_path)
+    async with client(cluster, a) as (link, _):
+        for params, message in (
+            ({"devices": ["sim:a@x:1", "bogus:b@x:1"]}, "unknown device kind 'bogus'"),
+            ({"devices": ["sim:a", "sim:b"]}, "names every device with @HOST:PORT"),
+            ({"devices": ["sim:a@x:1", "sim:b@x:1"], "options": {"step_timeout_s": -1}},
+             "step_timeout_s must be a positive number"),
+        ):  # fmt: skip
+            with pytest.raises(Exception, match=message) as raised:
+                await link.request("migrate", params)
+            assert getattr(raised.value, "code", None) == "bad_params"
+
+
+@contextlib.asynccontextmanager
+async def client(cluster: Cluster, agent: RunningAgent) -> Any:
+    """A control link to ``agent`` as a thin client's, and the phases its run notices
+    announced (phase -> an event set once it began)."""
+    stream = await connect(agent.address)
+    conn = Connection(LinkRole.ORCHESTRATOR, protocol_config(cluster.key), name="test client")
+    link = Link(stream, conn, peer=f"agent {agent.address}")
+    phases: defaultdict[Phase, trio.Event] = defaultdict(trio.Event)
+
+    async def handle(event: object) -> None:
+        if isinstance(event, Notification):
+            payload = event.payload
+            for item in wire.batch_items(payload) if "batch" in payload else [payload]:
+                notice = wire.parse_notice(item)
+                if isinstance(notice.event, PhaseChanged):
+                    phases[notice.event.phase].set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_quietly, link.run, handle)
+        await link.wait_established()
+        yield link, phases
+        await link.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def _quietly(run: Any, handle: Any) -> None:
+    with contextlib.suppress(PeerError):
+        await run(handle)
+
+
+async def start_slow_run(
+    cluster: Cluster, remote_sims: Sims, b_sims: Sims, a: RunningAgent, b: RunningAgent
+) -> dict[str, Any]:
+    # 1 MiB reads 100 ms apart: precopy of 16 MiB takes well over a second.
+    src = remote_sims.spec("a", size=16 << 20, image=False, read_delay="100ms", at=a.address)
+    dst = b_sims.spec("b", size=16 << 20, image=False, dump=True, at=b.address)
+    return {"devices": [src, dst], "options": {}, "progress": True}
+
+
+async def wait_for(phases: defaultdict[Phase, trio.Event], phase: Phase) -> None:
+    with trio.fail_after(30):
+        await phases[phase].wait()
+
+
+async def test_abort_rolls_the_hosted_run_back(cluster, remote_sims, b_sims, tmp_path) -> None:
+    a, b = await two_agents(cluster, remote_sims, b_sims, tmp_path)
+    params = await start_slow_run(cluster, remote_sims, b_sims, a, b)
+    answers: list[Any] = []
+    async with client(cluster, a) as (link, phases), trio.open_nursery() as nursery:
+
+        async def migrate() -> None:
+            answers.append(await link.request("migrate", params))
+
+        nursery.start_soon(migrate)
+        await wait_for(phases, Phase.PRECOPY)
+        assert await link.request("abort", {"signal": "SIGINT"}) is True
+    result = answers[0]["result"]
+    assert (result["outcome"], result["exit_status"]) == ("interrupted", 130)
+    assert phases[Phase.ROLLBACK].is_set()
+    await cluster.settle()
+    assert (remote_sims.state("a"), b_sims.state("b")) == (S.RUNNING, S.RUNNING)
+    assert b_sims.dump("b") is None
+
+
+async def test_the_client_vanishing_aborts_the_hosted_run(
+    cluster, remote_sims, b_sims, tmp_path
+) -> None:
+    a, b = await two_agents(cluster, remote_sims, b_sims, tmp_path)
+    params = await start_slow_run(cluster, remote_sims, b_sims, a, b)
+    async with client(cluster, a) as (link, phases):
+
+        async def migrate() -> None:
+            with contextlib.suppress(PeerError):
+                await link.request("migrate", params)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(migrate)
+            await wait_for(phases, Phase.PRECOPY)
+            await link.abort()  # the client's process is gone: no Goodbye
+    await cluster.settle()
+    assert (remote_sims.state("a"), b_sims.state("b")) == (S.RUNNING, S.RUNNING)
+    assert b_sims.dump("b") is None
+    assert any("the client of the run left" in line for line in a.log)
+
+
+def test_ctrl_c_in_a_thin_client_rolls_back_and_exits_130(
+    agent_process, key_file, tmp_path
+) -> None:
+    a_dir, b_dir = tmp_path / "A", tmp_path / "B"
+    a_dir.mkdir()
+    b_dir.mkdir()
+    a = agent_process(key_file, a_dir, "--orchestrate")
+    b = agent_process(key_file, b_dir)
+    a_sims, b_sims = Sims(a_dir, relative=True), Sims(b_dir, relative=True)
+    src = a_sims.spec("a", size=64 << 20, image=False, read_delay="40ms", at=a.address)
+    dst = b_sims.spec("b", size=64 << 20, image=False, dump=True, at=b.address)
+    argv = ["migrate", "--via", a.address, "--key-file", str(key_file), src, dst]
+    result = signal_in_precopy(argv, signal.SIGINT, tmp_path)
+    stdout, stderr = result.stdout, result.stderr
+    assert result.status == 130, stdout + stderr
+    assert "vfmig: SIGINT: rolling the run back (the agent does it)" in stderr
+    assert "(SIGINT: interrupted by the user)" in stderr
+    assert "phase rollback" in stdout
+    assert (a_sims.state("a"), b_sims.state("b")) == (S.RUNNING, S.RUNNING)
+    assert b_sims.dump("b") is None
+    a.stop()
+    assert any("interrupted by the user; aborting" in line for line in a.log)
+
+
+def test_run_summaries_cross_the_wire_unchanged() -> None:
+    from vfmig.core.events import Downtime, Summary, Transfer
+    from vfmig.core.model import DeviceId, Outcome, Role
+
+    summary = Summary(
+        total_ns=5,
+        devices={DeviceId(Role.SOURCE, 0): Transfer(time_ns=1, raw_bytes=2, wire_bytes=3)},
+        phases={Phase.PRECOPY: Transfer(time_ns=4, raw_bytes=5, wire_bytes=6)},
+        downtime=Downtime(
+            quiesce_ns=1, drain_ns=2, transfer_ns=3, resume_write_ns=4, validation_ns=5, start_ns=6
+        ),
+        outcome=Outcome.COMPLETED,
+    )
+    assert wire.parse_summary(wire.summary_result(summary)) == summary
+    empty = Summary(total_ns=0, devices={}, phases={}, downtime=None, outcome=None)
+    assert wire.parse_summary(wire.summary_result(empty)) == empty
+    for bad in ({}, {**wire.summary_result(summary), "phases": {"nope": [1, 2, 3]}}):
+        with pytest.raises(wire.WireError):
+            wire.parse_summary(bad)
