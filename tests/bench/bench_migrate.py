@@ -26,8 +26,8 @@ command, process start-up included; vfmig's own run time (``total_ms`` of ``vfmi
 --json``: without the interpreter's start-up) is shown next to it.
 
 ``--via`` has each round's ``vfmig migrate`` ask the source agent (``--orchestrate``) to
-run the migration (the thin client of ADR 0010). ``--journal-cost`` and ``--against``
-replace the peer by a second set of vfmig agents
+run the migration (the thin client of ADR 0010). ``--journal-cost``, ``--against`` and
+``--compare-via`` replace the peer by a second set of vfmig agents
 (without journals; another installation's) and pair the rounds.
 
 Until ``vfmig migrate`` and ``vfmig agent`` exist, only the peer half runs (and says so).
@@ -382,7 +382,8 @@ def alternating_rounds(
     runs: dict[K, list[Run]] = {key: [] for key in keys}
     with contextlib.ExitStack() as stack:
         setups = {
-            key: stack.enter_context(agents(work, via=args.via, **variants[key])) for key in keys
+            key: stack.enter_context(agents(work, **{"via": args.via, **variants[key]}))
+            for key in keys
         }
         for setup in setups.values():
             os.link(state, setup.source_dir / "state.bin")
@@ -441,26 +442,39 @@ def print_paired(diffs: Sequence[float], base: float, out: IO[str]) -> None:
 
 
 def against(work: Path, size: int, args: argparse.Namespace, state: Path, out: IO[str]) -> None:
-    """This vfmig against another installation's (``--against``), rounds alternating: the
-    way to measure a change on a machine whose speed drifts between invocations."""
-    other = Path(args.against).resolve()
-    labels = {VFMIG: "this", other: "other"}
+    """This vfmig against another way (``--against``: another installation's vfmig;
+    ``--compare-via``: this one with ``--via``), rounds alternating: the way to measure a
+    change on a machine whose speed drifts between invocations."""
+    if args.compare_via:
+        ways = {
+            "this": {"name": "command-", "via": False},
+            "via": {"name": "via-", "via": True},
+        }
+        shown = {"this": "orchestrator in vfmig migrate", "via": "vfmig migrate --via"}
+    else:
+        other = Path(args.against).resolve()
+        ways = {
+            "this": {"name": "this-", "vfmig": VFMIG},
+            "other": {"name": "other-", "vfmig": other},
+        }
+        shown = {"this": str(VFMIG), "other": str(other)}
     runs = alternating_rounds(
-        {command: {"name": f"{label}-", "vfmig": command} for command, label in labels.items()},
-        lambda c, run: f"{labels[c]} {run.seconds:.2f} s ({sum(run.cpu):.2f} CPU-s)",
+        ways,
+        lambda way, run: f"{way} {run.seconds:.2f} s ({sum(run.cpu):.2f} CPU-s)",
         work,
         size,
         args,
         state,
         out,
     )
-    for command, label in labels.items():
-        seconds = statistics.median(run.seconds for run in runs[command])
-        print(f"median {label} ({command}): {seconds:6.2f} s {rate(size, seconds)}", file=out)
-        print(f"  CPU (median): {cpu_medians('vfmig', runs[command])}", file=out)
-    base = statistics.median(run.seconds for run in runs[other])
-    diffs = [a.seconds - b.seconds for a, b in zip(runs[VFMIG], runs[other], strict=True)]
-    print("this minus other, wall time:", file=out)
+    for way in ways:
+        seconds = statistics.median(run.seconds for run in runs[way])
+        print(f"median {way} ({shown[way]}): {seconds:6.2f} s {rate(size, seconds)}", file=out)
+        print(f"  CPU (median): {cpu_medians('vfmig', runs[way])}", file=out)
+    this, other_way = ways
+    base = statistics.median(run.seconds for run in runs[other_way])
+    diffs = [a.seconds - b.seconds for a, b in zip(runs[this], runs[other_way], strict=True)]
+    print(f"{this} minus {other_way}, wall time:", file=out)
     print_paired(diffs, base, out)
 
 
@@ -509,9 +523,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(vfmig migrate --via; the source agent runs with --orchestrate): the thin client "
         "of ADR 0010 instead of an orchestrator in the command",
     )
+    parser.add_argument(
+        "--compare-via",
+        action="store_true",
+        help="instead of the peer: rounds alternating between vfmig migrate with its own "
+        "orchestrator and vfmig migrate --via the source agent; prints both medians and "
+        "their difference paired by round",
+    )
     args = parser.parse_args(argv)
-    if args.against and args.journal_cost:
-        raise BenchError("--against and --journal-cost are two different benchmarks: one at a time")
+    if sum(map(bool, (args.against, args.journal_cost, args.compare_via))) > 1:
+        raise BenchError(
+            "--against, --journal-cost and --compare-via are different benchmarks: one at a time"
+        )
     if args.against and not os.access(args.against, os.X_OK):
         raise BenchError(f"--against {args.against}: not an executable vfmig command")
     size = parse_size(args.size)
@@ -539,10 +562,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             + (f"; sending side on CPU {pin[0]}, receiving side on CPU {pin[1]}" if pin else ""),
             file=out,
         )
-        if args.journal_cost or args.against:
+        if args.journal_cost or args.against or args.compare_via:
             if without_engine:
                 raise BenchError(without_engine)
-            (against if args.against else journal_cost)(work, size, args, state, out)
+            (journal_cost if args.journal_cost else against)(work, size, args, state, out)
             return 0
         peer: list[Run] = []
         ours: list[Run] = []

@@ -221,7 +221,7 @@ def test_a_signal_rolls_back_and_exits_130(sims, sig, tmp_path) -> None:
     result = signal_in_precopy(["migrate", src, dst], sig, tmp_path)
     stdout, stderr = result.stdout, result.stderr
     assert result.status == 130, stdout + stderr
-    assert "vfmig: error: precopy: interrupted by a signal" in stderr
+    assert "vfmig: error: precopy: interrupted: the run is rolled back" in stderr
     assert f"({sig.name}: interrupted by the user)" in stderr
     assert "phase rollback" in stdout
     assert (sims.state("a"), sims.state("b")) == (RU, RU)

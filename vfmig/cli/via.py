@@ -257,7 +257,9 @@ class _Client:
         """Turn the end of the link into the error that says why."""
         if isinstance(event, Goodbye):
             reason = f"{event.code}: {event.reason}" if event.code != "normal" else event.reason
-            raise PeerError(self.peer, f"the agent closed the link: {reason}", code=event.code)
+            raise PeerError(
+                self.peer, f"the agent closed the link: {reason}", code=event.code, hint=_LOST_HINT
+            )
         if not isinstance(event, ConnectionClosed):
             return
         if not self._ready:

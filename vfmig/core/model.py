@@ -253,7 +253,7 @@ CAUSES: Final[dict[Cause, KnownCause]] = {
         "the device or its driver needs attention; its state is as described",
     ),
     Cause.PHASE_TIMEOUT: KnownCause("the phase did not finish within its timeout"),
-    Cause.INTERRUPTED: KnownCause("interrupted by a signal: the run is rolled back"),
+    Cause.INTERRUPTED: KnownCause("interrupted: the run is rolled back"),
     Cause.START_FAILED: KnownCause(
         "the destination did not start after the commit point; it is kept stopped and the "
         "source stays stopped with its state",
