@@ -12,6 +12,7 @@ import json
 import signal
 import socket
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -295,3 +296,41 @@ def test_run_summaries_cross_the_wire_unchanged() -> None:
     for bad in ({}, {**wire.summary_result(summary), "phases": {"nope": [1, 2, 3]}}):
         with pytest.raises(wire.WireError):
             wire.parse_summary(bad)
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "message"),
+    [
+        ({"result": {"outcome": 1}}, 4, "the answer to migrate is not a run's result"),
+        ("nonsense", 4, "the answer to migrate is not a run's result"),
+        ({"result": None, "error": {"message": "it broke", "exit_status": 1}}, 1, "it broke"),
+        ({"result": None, "error": {"message": "odd", "exit_status": 99}}, 1, "odd"),
+    ],
+    ids=["bad-result", "not-a-map", "error", "unknown-status"],
+)
+async def test_a_strange_answer_is_a_clear_error(
+    nursery, key_file, answer, status, message
+) -> None:
+    from vfmig.engine.keys import load_key
+    from vfmig.protocol import Request, Response
+
+    key = load_key(key_file)
+
+    async def serve(stream: trio.SocketStream) -> None:
+        conn = Connection(LinkRole.AGENT, protocol_config(key), name="odd agent")
+        link = Link(stream, conn, peer="client")
+
+        async def handle(event: object) -> None:
+            if isinstance(event, Request):
+                await link.send(Response(id=event.id, result=answer))
+
+        with contextlib.suppress(PeerError):
+            await link.run(handle)
+
+    listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    address = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    pair = [f"sim:a@{address}", f"sim:b@{address}"]
+    result = await via(key_file, address, *pair)
+    assert result.status == status, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

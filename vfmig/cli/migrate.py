@@ -21,6 +21,10 @@ agent's journal is fetched and merged in (:mod:`vfmig.journal.collect`): the run
 becomes one timeline on this host's clock, the agents' own records in place of the
 copies, and the streams they captured with them.
 
+With ``--via HOST:PORT`` the agent there (``vfmig agent --orchestrate``) runs all of this
+and the command is its thin client (:mod:`vfmig.cli.via`, ADR 0010): it imports neither
+trio nor the engine, and the run's journal stays on the agent's host.
+
 This module starts fast: trio and the engine are imported only when the command runs, and
 textual never.
 """
@@ -173,8 +177,10 @@ def _level(text: str) -> int | None:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a zstd level or 'none'") from None
-    if not -7 <= value <= 22:
-        raise argparse.ArgumentTypeError(f"{value} is outside -7..22")
+    from vfmig.core.options import MAX_LEVEL, MIN_LEVEL
+
+    if not MIN_LEVEL <= value <= MAX_LEVEL:
+        raise argparse.ArgumentTypeError(f"{value} is outside {MIN_LEVEL}..{MAX_LEVEL}")
     return value
 
 
@@ -239,7 +245,7 @@ def run(args: argparse.Namespace, env: Environment) -> int:
             error["journal"] = journal[0]
         env.emit_json("migrate", None, error=error)
         return int(exc.exit_status)
-    return finish(env, result, summary, json=args.json)
+    return _finish(env, result, summary, json=args.json)
 
 
 def _via(
@@ -288,7 +294,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
     )
 
 
-def finish(
+def _finish(
     env: Environment, result: dict[str, Any], summary: Callable[[], None] | None, *, json: bool
 ) -> int:
     """Say how the run ended (``result`` as :func:`~vfmig.engine.journaled.report_result`

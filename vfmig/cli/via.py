@@ -61,8 +61,21 @@ CONNECT_TIMEOUT: Final = 10.0
 SEND_TIMEOUT: Final = 30.0
 RECEIVE_SIZE: Final = 256 << 10
 _MIGRATE, _ABORT = 1, 2
-#: ErrorResponse codes -> exit status (anything else: FAILED).
-_EXIT: Final = {"bad_params": ExitStatus.USAGE, "refused": ExitStatus.PEER}
+#: ErrorResponse codes -> exit status (anything else: FAILED). An agent that does not
+#: orchestrate (or predates hosted runs) answers unknown_method.
+_EXIT: Final = {
+    "bad_params": ExitStatus.USAGE,
+    "refused": ExitStatus.PEER,
+    "unknown_method": ExitStatus.PEER,
+}
+#: What a result must hold for this command to print it.
+_RESULT_SHAPE: Final = {
+    "outcome": str,
+    "exit_status": int,
+    "summary": str,
+    "errors": list,
+    "journal": str,
+}
 
 
 class RunRefused(VfmigError):
@@ -84,7 +97,8 @@ def run_via(
     json: bool,
 ) -> tuple[dict[str, Any], Callable[[], None] | None]:
     """Have the agent at ``address`` run the migration of ``devices`` (SRC DST ..., each on
-    an agent); the answer's result and the summary printer, as :func:`finish` takes them."""
+    an agent); returns the answer's result and what prints the summary (None if nothing
+    was shown), as ``vfmig migrate`` ends every run."""
     peer = f"agent {address}"
     with _interrupts() as interrupted, _connect(address, tls) as sock:
         client = _Client(sock, peer, key)
@@ -109,28 +123,29 @@ def run_via(
                     shown.handle(event.payload)
                 elif isinstance(event, Response | ErrorResponse) and event.id == _MIGRATE:
                     client.close()
-                    return _answer(event, shown)
+                    return _answer(event, shown, peer)
 
 
 def _answer(
-    event: Response | ErrorResponse, shown: _Display | None
+    event: Response | ErrorResponse, shown: _Display | None, peer: str
 ) -> tuple[dict[str, Any], Callable[[], None] | None]:
     if isinstance(event, ErrorResponse):
-        hint = "start the agent with --orchestrate" if event.code == "refused" else None
+        hint = None
+        if event.code == "unknown_method":
+            hint = "start the agent with --orchestrate (vfmig agent --help)"
         raise RunRefused(event.message, _EXIT.get(event.code, ExitStatus.FAILED), hint)
-    answer = event.result
-    if not isinstance(answer, dict):
-        raise PeerError("agent", "the answer to migrate is not a map")
+    answer = event.result if isinstance(event.result, dict) else {}
     error = answer.get("error")
     if isinstance(error, dict):
         raise HostedRunError(error)
     result = answer.get("result")
-    if not isinstance(result, dict) or "exit_status" not in result:
-        raise PeerError("agent", "the answer to migrate holds no result")
-    summary = answer.get("summary")
+    if not isinstance(result, dict) or not all(
+        isinstance(result.get(name), kind) for name, kind in _RESULT_SHAPE.items()
+    ):
+        raise PeerError(peer, "the answer to migrate is not a run's result (another version?)")
     if shown is None:
         return result, None
-    return result, shown.closer(summary)
+    return result, shown.closer(answer.get("summary"))
 
 
 class HostedRunError(VfmigError):

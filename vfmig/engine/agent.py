@@ -38,6 +38,9 @@ it, otherwise it resets them and records that it never will; a source's agent wh
 streams all ended asks the destination's agent (``status`` with the run id) and keeps its
 source stopped when nobody can tell (in doubt).
 
+**Hosting runs.** With ``host_runs`` (``vfmig agent --orchestrate``) the agent also runs
+whole migrations for thin clients (``migrate``, ``abort``): :mod:`vfmig.engine.hosted`.
+
 **Restarting.** ``vfmig agent`` keeps a durable ledger (:mod:`vfmig.engine.ledger`) of the
 devices each run holds here, of a source's entry into stop-copy and of its verdicts (the
 destination's agent writes COMMITTED before it answers the Commit). Started again after a
@@ -496,20 +499,16 @@ class Agent:
 
     async def _host(self, session: ControlSession, method: str, params: dict[str, Value]) -> Value:
         if self._hosted is None:
-            raise _AgentError(
-                Code.REFUSED,
-                "this agent does not orchestrate runs (start it with vfmig agent --orchestrate)",
-            )
+            raise _AgentError(Code.UNKNOWN_METHOD, "this agent does not orchestrate runs")
         if self.stopping:
             raise _AgentError(Code.REFUSED, "the agent is shutting down")
         try:
             if method == "migrate":
                 return await self._hosted.migrate(session, params)
             signal = params.get("signal")
-            reason = "interrupted by the user" if isinstance(signal, str) else "aborted"
-            return await self._hosted.abort(
-                session, reason, signal if isinstance(signal, str) else None
-            )
+            if not isinstance(signal, str):
+                return await self._hosted.abort(session, "aborted by its client", None)
+            return await self._hosted.abort(session, "interrupted by the user", signal)
         except HostedError as exc:
             raise _AgentError(Code.BAD_PARAMS, exc.message) from None
 
