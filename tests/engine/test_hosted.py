@@ -334,3 +334,16 @@ async def test_a_strange_answer_is_a_clear_error(
     assert result.status == status, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_a_client_that_stops_reading_never_holds_the_forwarder() -> None:
+    from vfmig.engine.agent import NOTIFY_CAPACITY, ControlSession
+
+    session = ControlSession(link=None, peer="slow client")  # type: ignore[arg-type]
+    session.offer({"dropped": True})  # not subscribed: nothing is queued
+    session.subscribed = True
+    for n in range(NOTIFY_CAPACITY + 10):  # offer() is synchronous: it cannot wait
+        session.offer({"n": n})
+    session.end()
+    queued = [payload["n"] async for payload in session._receive]
+    assert queued == list(range(NOTIFY_CAPACITY))  # the rest were dropped

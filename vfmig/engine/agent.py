@@ -222,6 +222,16 @@ class ControlSession:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self._send.send(payload)
 
+    def offer(self, payload: dict[str, Value]) -> None:
+        """Queue ``payload`` if there is room: for a watcher that must never wait (a slow
+        client of a hosted run skips notices, the run goes on)."""
+        if not self.subscribed:
+            return
+        with contextlib.suppress(
+            trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
+        ):
+            self._send.send_nowait(payload)
+
     async def pump(self) -> None:
         """Send queued notifications until the session ends. Chunk progress waits up to
         NOTIFY_LINGER for more to share its frame, folded (:func:`wire.coalesce`): the

@@ -12,10 +12,11 @@ and TLS settings, so device data still flows directly from agent to agent.
 
 While the run goes on, its events go back to the client as Notifications on the client's
 control link when it asked for them (``progress``): event notices as any agent sends its
-orchestrator, chunk progress folded by the session's pump. The forwarder reads a ring
-subscription, so a slow client skips records; it never slows the run. The answer holds
-the run's report (:func:`~vfmig.engine.journaled.report_result`), its summary for the
-client's display, and where its journal is: in this agent's journal store.
+orchestrator, chunk progress folded by the session's pump. The forwarder never waits: when
+a slow client's queue is full its notices are dropped, so the run, and its end, are never
+held back by a client that stopped reading. The answer holds the run's report
+(:func:`~vfmig.engine.journaled.report_result`), its summary for the client's display, and
+where its journal is: in this agent's journal store.
 
 Ownership: the client owns its run. Its ``abort`` (Ctrl-C, SIGTERM) and the loss of its
 control link both abort the run -- before the commit point every device is brought back,
@@ -137,7 +138,7 @@ class HostedRuns:
 
             async for item in subscription:
                 if isinstance(item, Record):
-                    await session.notify(wire.event_notice(run_id, item.event))
+                    session.offer(wire.event_notice(run_id, item.event))
 
         async def control(orchestrator: Orchestrator) -> None:
             hosted.orchestrator = orchestrator
