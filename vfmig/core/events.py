@@ -130,11 +130,15 @@ def _checked(*types_: type) -> _Decode:
 
 def _enum_decoder(kind: type[enum.Enum]) -> _Decode:
     value_type = type(next(iter(kind)).value)
+    members = {member.value: member for member in kind}
 
     def decode(value: Any) -> Any:
         if type(value) is not value_type:
             raise RecordError(f"{value!r} is not a {kind.__name__}")
-        try:
+        member = members.get(value)
+        if member is not None:
+            return member
+        try:  # a combination of flags is no member of its own
             return kind(value)
         except (ValueError, TypeError):
             raise RecordError(f"{value!r} is not a {kind.__name__}") from None

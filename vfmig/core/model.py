@@ -24,6 +24,7 @@ Pure: stdlib only.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -51,12 +52,23 @@ class DeviceId:
 
     @classmethod
     def parse(cls, text: str) -> DeviceId:
-        """The inverse of ``str()``; raises ValueError on anything else."""
-        for role in Role:
-            digits = text.removeprefix(role.value)
-            if digits != text and digits.isdigit() and digits == str(int(digits)):
-                return cls(role, int(digits))
-        raise ValueError(f"not a device id: {text!r} (expected src<N> or dst<N>)")
+        """The inverse of ``str()``; raises ValueError on anything else (TypeError for
+        what is not a string). Every event record names devices: answers are cached."""
+        if type(text) is not str:
+            raise TypeError(f"not a device id: {text!r}")
+        return _parse_device_id(text)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_device_id(text: str) -> DeviceId:
+    for role in _ROLES:
+        digits = text.removeprefix(role.value)
+        if digits != text and digits.isdigit() and digits == str(int(digits)):
+            return DeviceId(role, int(digits))
+    raise ValueError(f"not a device id: {text!r} (expected src<N> or dst<N>)")
+
+
+_ROLES: Final = tuple(Role)
 
 
 def source(index: int) -> DeviceId:
