@@ -1011,3 +1011,23 @@ def test_a_resumed_realistic_state_is_stored_sparse(
     dump = tmp_path / "dump.bin"
     assert dump.read_bytes() == (tmp_path / "source.bin").read_bytes()
     assert dump.stat().st_blocks * 512 < 0.8 * (8 << 20)  # ~40 % zero pages are holes
+
+
+def test_an_older_dump_goes_when_resuming_begins(
+    sim: Callable[..., SimDevice], tmp_path: Path
+) -> None:
+    """Not in the step to RUNNING: replacing a large file there costs downtime (ext4
+    flushes a file renamed over another; freeing the old one's blocks takes time too)."""
+    dump = tmp_path / "dump.bin"
+    dump.write_bytes(b"an older run's dump")
+    source = sim("sim:s,size=1MiB")
+    destination = sim(f"sim:d,size=1MiB,dump={dump}")
+    resuming = destination.set_state(S.RESUMING)
+    assert resuming is not None
+    assert not dump.exists()
+    write_all(resuming, drain(_saving(source)))
+    destination.set_state(S.STOP)
+    assert not dump.exists()  # written when the device next runs
+    destination.set_state(S.RUNNING)
+    source.snapshot_to(tmp_path / "source.bin")
+    assert dump.read_bytes() == (tmp_path / "source.bin").read_bytes()

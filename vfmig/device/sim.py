@@ -32,7 +32,8 @@ a dirtied page depends on how often it was dirtied. A saving session streams pag
 are at the moment it sends them; a resuming one writes into a staging file that becomes the
 device's content when RESUMING -> STOP accepts it, and ``dump=`` gets a copy of it when the
 device next reaches RUNNING (a hard link of that content file where possible: it is never
-written in place, so the link is a copy that costs no downtime).
+written in place, so the link is a copy that costs no downtime; an older dump is removed
+when RESUMING begins, so that neither its blocks nor a rename over it cost downtime).
 
 Every state change is written to a simulated debugfs tree
 (``<tree>/vfio/<name>/migration/{state,features}``) read through the same
@@ -659,6 +660,9 @@ class SimDevice(MigrationDevice):
         raise OSError(_errno.EINTR, f"{src.name}>{dst.name} hung until release_hangs()")
 
     def _open_resuming(self) -> SimSession:
+        if self.options.dump is not None:  # an older dump goes now, outside any downtime
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.options.dump)
         staging = self.workdir / "resuming.bin"
         fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         os.ftruncate(fd, self.size)
@@ -703,6 +707,12 @@ class SimDevice(MigrationDevice):
             os.link(self.workdir / "content.bin", partial)
         except OSError:
             shutil.copyfile(self.workdir / "content.bin", partial)
+        # Never a rename over an older dump (RESUMING removed it): ext4 would flush the
+        # renamed file's dirty data before the rename returns (auto_da_alloc), hundreds of
+        # MiB inside this step, in the downtime (0.4-1.7 s of a 256 MiB run's start), and
+        # freeing the old one's blocks here cost 30-40 ms more.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(dump)
         os.replace(partial, dump)
         self._dump_pending = False
 
