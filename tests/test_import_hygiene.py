@@ -80,19 +80,28 @@ def test_installed_names() -> None:
     assert vfmig.tui.__name__ == "vfmig.tui"
 
 
-def test_a_command_loads_only_its_own_module(tmp_path: object) -> None:
-    """``vfmig fsm`` starts without the engine, the journal or trio (lazy command table)."""
+def run_command(argv: list[str], tmp_path: object, *, setup: str = "") -> tuple[str, list[str]]:
+    """``vfmig ARGV`` in a fresh interpreter (after ``setup``): its exit status and every
+    module it loaded."""
     code = (
-        "import sys, io, contextlib\n"
+        "import sys, io, contextlib, pathlib\n"
         "from vfmig.cli.main import main\n"
-        "with contextlib.redirect_stdout(io.StringIO()):\n"
-        "    status = main(['fsm', 'path', 'RUNNING', 'STOP'])\n"
+        f"{setup}\n"
+        "quiet = io.StringIO()\n"
+        "with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):\n"
+        f"    status = main({argv!r})\n"
         "print(status, *sorted(sys.modules))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True, check=True
     )
     status, *loaded = out.stdout.split()
+    return status, loaded
+
+
+def test_a_command_loads_only_its_own_module(tmp_path: object) -> None:
+    """``vfmig fsm`` starts without the engine, the journal or trio (lazy command table)."""
+    status, loaded = run_command(["fsm", "path", "RUNNING", "STOP"], tmp_path)
     assert status == "0"
     heavy = [
         m
@@ -106,21 +115,10 @@ def test_a_command_loads_only_its_own_module(tmp_path: object) -> None:
 def test_a_thin_migrate_client_loads_no_trio_and_no_engine(tmp_path: object) -> None:
     """``vfmig migrate --via`` (ADR 0010) is a blocking client of the protocol: its start-up
     is what a short migration pays for, so trio, the engine and rich stay out."""
-    code = (
-        "import sys, io, contextlib, pathlib\n"
-        "from vfmig.cli.main import main\n"
-        "from vfmig.engine.keys import create_key\n"
-        "create_key(pathlib.Path('k'))\n"
-        "quiet = io.StringIO()\n"
-        "with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):\n"
-        "    status = main(['migrate', '--via', '127.0.0.1:1', '--key-file', 'k', '--json',\n"
-        "                   'sim:a@127.0.0.1:1', 'sim:b@127.0.0.1:2'])\n"
-        "print(status, *sorted(sys.modules))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True, check=True
-    )
-    status, *loaded = out.stdout.split()
+    argv = ["migrate", "--via", "127.0.0.1:1", "--key-file", "k", "--json"]
+    argv += ["sim:a@127.0.0.1:1", "sim:b@127.0.0.1:2"]
+    setup = "from vfmig.engine.keys import create_key; create_key(pathlib.Path('k'))"
+    status, loaded = run_command(argv, tmp_path, setup=setup)
     assert status == "4"  # nobody listens there: the client got as far as connecting
     heavy = [
         m
