@@ -77,7 +77,7 @@ CONFIG = Config(
 
 REQUESTS = [
     Request(id=i, method=method, params={
-        name: {"str": "x", "int": 1, "list": [], "map": {}}[shape]
+        name: {"str": "x", "int": 1, "bool": True, "bytes": b"x", "list": [], "map": {}}[shape]
         for name, (shape, _) in METHODS[method].params.items()
     })
     for i, method in enumerate(sorted(METHODS))
