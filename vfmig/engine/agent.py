@@ -391,7 +391,7 @@ class Agent:
             self._sessions.discard(session)
             session.end()
             self._session_ended(session)
-            self._change()
+            self.changed()
 
     async def serve_data(self, stream: trio.abc.Stream, *, peer: str, key: bytes | None) -> None:
         """Accept one data link on ``stream``: a source agent streaming to a ticket of ours."""
@@ -481,6 +481,8 @@ class Agent:
             response = ErrorResponse(id=request.id, code=Code.FAILED, message=message)
         with contextlib.suppress(PeerError):
             await session.link.send(response)
+        if request.method == "migrate" and self._hosted is not None:
+            self._hosted.answered(session)  # the run's journal merge, now the answer is out
 
     async def _dispatch(
         self, session: ControlSession, method: str, params: dict[str, Value]
@@ -637,18 +639,20 @@ class Agent:
         return None
 
     async def wait_idle(self) -> None:
-        """Wait until this agent holds no device and serves no orchestrator."""
-        while self.slots or self._sessions:
+        """Wait until this agent holds no device, serves no orchestrator and merges no
+        hosted run's journal."""
+        while self.slots or self._sessions or (self._hosted and self._hosted.merging):
             await self._changed.wait()
 
-    def _change(self) -> None:
+    def changed(self) -> None:
+        """Wake :meth:`wait_idle` (something it waits for may have ended)."""
         self._changed.set()
         self._changed = trio.Event()
 
     async def _release(self, slot: Slot) -> None:
         await self._stop_streams(slot)
         self.slots.pop(slot.handle, None)
-        self._change()
+        self.changed()
         try:
             await slot.worker.close()
         except VfmigError as exc:

@@ -9,7 +9,8 @@ A run is an :class:`~vfmig.engine.orchestrator.Orchestrator` on a bus of its own
 * a commit hook that lets the agents be told to commit only once the commit point is on
   disk (or after :data:`COMMIT_JOURNAL_TIMEOUT`, with a warning);
 * when agents take part, a collector that fetches their own journals of the run as it
-  ends and merges them in afterwards, outside any downtime (:mod:`vfmig.journal.collect`).
+  ends and merges them in afterwards, outside any downtime (:mod:`vfmig.journal.collect`);
+  an agent hosting the run merges once its client has the answer.
 
 Where the run is driven from is the caller's choice -- the ``vfmig migrate`` process, or
 an agent hosting it for a thin client (:mod:`vfmig.engine.hosted`, ADR 0010) -- and so is
@@ -63,9 +64,14 @@ async def run_journaled(
     warn: Callable[[str], None],
     watchers: Sequence[Callable[[Subscription], Awaitable[None]]] = (),
     controllers: Sequence[Callable[[Orchestrator], Awaitable[None]]] = (),
+    defer_merge: Callable[[Callable[[], object]], None] | None = None,
 ) -> RunReport:
     """Drive one run journaled into ``writer`` (closed when this returns); raises what the
-    orchestrator raises (a VfmigError: the run could not start or lost its footing)."""
+    orchestrator raises (a VfmigError: the run could not start or lost its footing).
+
+    The agents' journals are merged in before this returns, unless ``defer_merge`` takes
+    the merge (a blocking function) to run later: the journal at its path is whole before
+    the merge and after it (the merge renames a new file over it)."""
     config = OrchestratorConfig(
         machine=options.machine_config(),
         compress_level=options.compress_level,
@@ -121,7 +127,10 @@ async def run_journaled(
         await recorded.wait()  # the journal is written and closed
         nursery.cancel_scope.cancel()
     if collector is not None:  # the agents' journals, fetched at the end of the run
-        await trio.to_thread.run_sync(collector.merge)
+        if defer_merge is not None:
+            defer_merge(collector.merge)
+        else:
+            await trio.to_thread.run_sync(collector.merge)
     if failure is not None:
         raise failure
     assert report is not None
