@@ -238,6 +238,27 @@ async def test_abort_rolls_the_hosted_run_back(cluster, remote_sims, b_sims, tmp
     assert b_sims.dump("b") is None
 
 
+async def test_a_device_in_another_hosted_run_is_busy(
+    cluster, remote_sims, b_sims, key_file, tmp_path
+) -> None:
+    a, b = await two_agents(cluster, remote_sims, b_sims, tmp_path)
+    params = await start_slow_run(cluster, remote_sims, b_sims, a, b)
+    src = params["devices"][0]
+    other = b_sims.spec("c", size=16 << 20, image=False, dump=True, at=b.address)
+    async with client(cluster, a) as (link, phases), trio.open_nursery() as nursery:
+        nursery.start_soon(link.request, "migrate", params)
+        await wait_for(phases, Phase.PRECOPY)
+        result = await via(key_file, a.address, src, other)
+        assert await link.request("abort", {}) is True
+    assert result.status == 3, result.stderr
+    assert "preflight: open: the device is busy" in result.stderr
+    assert "another migration holds it" in result.stderr
+    await cluster.settle()
+    states = (remote_sims.state("a"), b_sims.state("b"), b_sims.state("c"))
+    assert states == (S.RUNNING, S.RUNNING, S.RUNNING)  # c opened in preflight, unchanged
+    assert (b_sims.dump("b"), b_sims.dump("c")) == (None, None)
+
+
 async def test_the_client_vanishing_aborts_the_hosted_run(
     cluster, remote_sims, b_sims, tmp_path
 ) -> None:
