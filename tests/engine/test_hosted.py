@@ -325,6 +325,36 @@ def test_run_summaries_cross_the_wire_unchanged() -> None:
             wire.parse_summary(bad)
 
 
+async def fake_agent(nursery: trio.Nursery, key_file: Path, answer: Any, *, leave: bool) -> str:
+    """An agent that answers every request with ``answer`` (and with ``leave`` says
+    Goodbye right after it); its address."""
+    from vfmig.engine.keys import load_key
+    from vfmig.protocol import Goodbye, Request, Response
+
+    key = load_key(key_file)
+
+    async def serve(stream: trio.SocketStream) -> None:
+        conn = Connection(LinkRole.AGENT, protocol_config(key), name="odd agent")
+        link = Link(stream, conn, peer="client")
+
+        async def handle(event: object) -> None:
+            if not isinstance(event, Request):
+                return
+            response = Response(id=event.id, result=answer)
+            if not leave:
+                await link.send(response)
+                return
+            # The answer and the Goodbye in one write: the client reads them together.
+            data = conn.data_to_send() + conn.send(response) + conn.send(Goodbye(reason="bye"))
+            await stream.send_all(data)
+
+        with contextlib.suppress(PeerError):
+            await link.run(handle)
+
+    listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    return f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
 @pytest.mark.parametrize(
     ("answer", "status", "message"),
     [
@@ -338,29 +368,20 @@ def test_run_summaries_cross_the_wire_unchanged() -> None:
 async def test_a_strange_answer_is_a_clear_error(
     nursery, key_file, answer, status, message
 ) -> None:
-    from vfmig.engine.keys import load_key
-    from vfmig.protocol import Request, Response
-
-    key = load_key(key_file)
-
-    async def serve(stream: trio.SocketStream) -> None:
-        conn = Connection(LinkRole.AGENT, protocol_config(key), name="odd agent")
-        link = Link(stream, conn, peer="client")
-
-        async def handle(event: object) -> None:
-            if isinstance(event, Request):
-                await link.send(Response(id=event.id, result=answer))
-
-        with contextlib.suppress(PeerError):
-            await link.run(handle)
-
-    listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
-    address = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-    pair = [f"sim:a@{address}", f"sim:b@{address}"]
-    result = await via(key_file, address, *pair)
+    address = await fake_agent(nursery, key_file, answer, leave=False)
+    result = await via(key_file, address, f"sim:a@{address}", f"sim:b@{address}")
     assert result.status == status, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_an_answer_followed_at_once_by_a_goodbye_is_the_answer(nursery, key_file) -> None:
+    done = {"outcome": "completed", "exit_status": 0, "summary": "completed: 1 pair migrated"}
+    answer = {"result": {**done, "errors": [], "journal": "/j.vfj", "journal_host": "h"}}
+    address = await fake_agent(nursery, key_file, answer, leave=True)
+    result = await via(key_file, address, f"sim:a@{address}", f"sim:b@{address}")
+    assert result.status == 0, result.stderr
+    assert "journal: h:/j.vfj" in result.stdout
 
 
 async def test_a_client_that_stops_reading_never_holds_the_forwarder() -> None:

@@ -118,12 +118,13 @@ def run_via(
                 print(f"vfmig: {name}: rolling the run back (the agent does it)", file=env.stderr)
                 client.send(Request(id=_ABORT, method="abort", params={"signal": name}))
             wake = _never if aborting else lambda: bool(interrupted)
-            for event in client.receive(wake=wake):
+            for event in client.receive(wake=wake):  # in order: an answer before a Goodbye
                 if isinstance(event, Notification) and shown is not None:
                     shown.handle(event.payload)
                 elif isinstance(event, Response | ErrorResponse) and event.id == _MIGRATE:
                     client.close()
                     return _answer(event, shown, peer)
+                client.check(event)
 
 
 def _answer(
@@ -217,13 +218,15 @@ class _Client:
         self.peer = peer
         self._conn = Connection(Role.ORCHESTRATOR, Config(key=key), name="vfmig migrate --via")
         self._ready = False
+        self._lost: str | None = None  # why the transport failed, if it did
         self._write(self._conn.data_to_send())
 
     def handshake(self, interrupted: list[str]) -> None:
         while not self._ready:
             if interrupted:
                 raise KeyboardInterrupt
-            self.receive(wake=lambda: bool(interrupted))
+            for event in self.receive(wake=lambda: bool(interrupted)):
+                self.check(event)
 
     def send(self, event: Event) -> None:
         try:
@@ -234,26 +237,22 @@ class _Client:
 
     def receive(self, *, wake: Callable[[], bool]) -> list[Event]:
         """The events of what arrives within :data:`TICK` (``wake()`` becoming true cuts
-        the wait short); the handshake's end and the link's are taken care of here."""
+        the wait short), in order; pass each one the caller does not take to :meth:`check`."""
         events: list[Event] = []
-        lost: str | None = None
         pending = getattr(self._sock, "pending", None)  # TLS: bytes decrypted already
         if (pending is not None and pending()) or _readable(self._sock, wake):
             data: bytes | None
             try:
                 data = self._sock.recv(RECEIVE_SIZE)
             except OSError as exc:
-                data, lost = None, str(exc) or type(exc).__name__
+                data, self._lost = None, str(exc) or type(exc).__name__
             events = self._feed(data)
         try:
             self._conn.tick(time.monotonic())
         except ProtocolError as exc:
             raise self._failed(exc) from None
         self._write(self._conn.data_to_send())
-        for event in events:
-            if isinstance(event, HandshakeCompleted):
-                self._ready = True
-            self._check(event, lost=lost)
+        self._ready = self._ready or any(isinstance(e, HandshakeCompleted) for e in events)
         return events
 
     def close(self) -> None:
@@ -268,7 +267,7 @@ class _Client:
                 self._write(self._conn.data_to_send())  # the Goodbye that says why
             raise self._failed(exc) from None
 
-    def _check(self, event: Event, *, lost: str | None) -> None:
+    def check(self, event: Event) -> None:
         """Turn the end of the link into the error that says why."""
         if isinstance(event, Goodbye):
             reason = f"{event.code}: {event.reason}" if event.code != "normal" else event.reason
@@ -284,8 +283,8 @@ class _Client:
                 hint="check that the address is a vfmig agent's, and that both sides use "
                 "TLS (--tls-*) or neither",
             )
-        if lost is not None:
-            raise PeerError(self.peer, f"the connection was lost ({lost})", hint=_LOST_HINT)
+        if self._lost is not None:
+            raise PeerError(self.peer, f"the connection was lost ({self._lost})", hint=_LOST_HINT)
         raise PeerError(self.peer, "the agent closed the connection", hint=_LOST_HINT)
 
     def _failed(self, exc: ProtocolError) -> PeerError:
@@ -321,10 +320,7 @@ def _readable(sock: socket.socket, wake: Callable[[], bool]) -> bool:
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        try:
-            ready, _, _ = select.select([sock], [], [], min(left, 0.1))
-        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
-            continue
+        ready, _, _ = select.select([sock], [], [], min(left, 0.1))
         if ready:
             return True
     return False
