@@ -304,8 +304,10 @@ class _Client:
 
 
 _LOST_HINT: Final = (
-    "an agent that loses its client aborts the run (brought back before the commit point, "
-    "finished after it): see its log, and the run's journal on its host"
+    "the failure policy brings the run's devices back either way: an agent that loses its "
+    "client aborts the run (finished after the commit point); if the agent itself stopped, "
+    "the other agents fall back alone and it does for its own devices when it restarts. "
+    "See its log, and the run's journal on its host"
 )
 
 
