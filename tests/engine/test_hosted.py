@@ -49,6 +49,12 @@ async def two_agents(
     return await cluster.agent(a_sims, host_runs=store), await cluster.agent(b_sims)
 
 
+def one_pair(a_sims: Sims, b_sims: Sims, a: RunningAgent, b: RunningAgent) -> tuple[str, str]:
+    """A source ``a`` on agent ``a`` and a destination ``b`` (dumped) on agent ``b``."""
+    src = a_sims.spec("a", size=SIZE, at=a.address)
+    return src, b_sims.spec("b", size=SIZE, image=False, dump=True, at=b.address)
+
+
 async def via(key_file: Path, address: str, *argv: str) -> Any:
     """``vfmig migrate --via ADDRESS --key-file KEY ARGV`` in a worker thread."""
     command = ["migrate", "--via", address, "--key-file", str(key_file), *argv]
@@ -59,8 +65,7 @@ async def test_a_thin_client_has_the_agent_run_the_migration(
     cluster, remote_sims, b_sims, key_file, tmp_path
 ) -> None:
     a, b = await two_agents(cluster, remote_sims, b_sims, tmp_path)
-    src = remote_sims.spec("a", size=SIZE, at=a.address)
-    dst = b_sims.spec("b", size=SIZE, image=False, dump=True, at=b.address)
+    src, dst = one_pair(remote_sims, b_sims, a, b)
     result = await via(key_file, a.address, "--json", src, dst)
     assert result.status == 0, result.stdout + result.stderr
     run = json.loads(result.stdout)["result"]
@@ -91,8 +96,7 @@ async def test_the_thin_client_shows_progress_and_the_summary(
     cluster, remote_sims, b_sims, key_file, tmp_path
 ) -> None:
     a, b = await two_agents(cluster, remote_sims, b_sims, tmp_path)
-    src = remote_sims.spec("a", size=SIZE, at=a.address)
-    dst = b_sims.spec("b", size=SIZE, image=False, dump=True, at=b.address)
+    src, dst = one_pair(remote_sims, b_sims, a, b)
     result = await via(key_file, a.address, src, dst)
     assert result.status == 0, result.stderr
     for line in ("phase precopy", "phase commit", "completed: 1 pair migrated", "downtime"):
@@ -105,8 +109,7 @@ async def test_an_agent_without_orchestrate_refuses_the_run(
     cluster, remote_sims, b_sims, key_file, tmp_path
 ) -> None:
     a, b = await two_agents(cluster, remote_sims, b_sims, tmp_path, orchestrate=False)
-    src = remote_sims.spec("a", size=SIZE, at=a.address)
-    dst = b_sims.spec("b", size=SIZE, image=False, dump=True, at=b.address)
+    src, dst = one_pair(remote_sims, b_sims, a, b)
     result = await via(key_file, a.address, src, dst)
     assert result.status == 4
     assert "does not orchestrate runs" in result.stderr
@@ -120,8 +123,7 @@ async def test_a_wrong_key_is_refused(cluster, remote_sims, b_sims, tmp_path) ->
     a, b = await two_agents(cluster, remote_sims, b_sims, tmp_path)
     other = tmp_path / "other.key"
     create_key(other)
-    src = remote_sims.spec("a", size=SIZE, at=a.address)
-    dst = b_sims.spec("b", size=SIZE, image=False, at=b.address)
+    src, dst = one_pair(remote_sims, b_sims, a, b)
     result = await via(other, a.address, src, dst)
     assert result.status == 4
     assert "authentication failed" in result.stderr

@@ -305,10 +305,8 @@ def _finish(
         if summary is not None:
             summary()
         _print_errors(env, result)
-        host = result.get("journal_host")
-        env.print(
-            f"journal: {host}:{result['journal']}" if host else f"journal: {result['journal']}"
-        )
+        host = result.get("journal_host")  # a run an agent hosted: on that agent's host
+        env.print(f"journal: {f'{host}:' if host else ''}{result['journal']}")
     return int(result["exit_status"])
 
 
@@ -344,24 +342,15 @@ async def _migrate(
 
     from vfmig.core.events import summarize
     from vfmig.core.model import destination, source
-    from vfmig.engine.journaled import report_result, run_journaled
-    from vfmig.engine.link import connect
-    from vfmig.engine.orchestrator import LOCAL, Endpoint
+    from vfmig.engine.journaled import agent_endpoints, report_result, run_journaled
+    from vfmig.engine.orchestrator import LOCAL
     from vfmig.journal.runs import DataCapture
 
     run_id = secrets.token_hex(8)
     writer = _open_journal(args, pairs, run_id)  # the header is synced: a few ms
     journal.append(str(writer.path))
 
-    async def remote(address: str) -> tuple[trio.abc.Stream, bytes | None]:
-        return await connect(address, ssl_context=tls), key
-
-    endpoints: dict[str, Endpoint] = {}
-    for spec in (spec for pair in pairs for spec in pair):
-        if spec.address is not None and spec.address not in endpoints:
-            endpoints[spec.address] = Endpoint(
-                host=spec.address, connect=partial(remote, spec.address)
-            )
+    endpoints = agent_endpoints(pairs, key=key, tls=tls)
 
     def warn(line: str) -> None:
         print(f"vfmig: warning: {line}", file=env.stderr)

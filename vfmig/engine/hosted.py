@@ -43,9 +43,12 @@ from vfmig.core.events import summarize
 from vfmig.core.options import RunOptions
 from vfmig.core.spec import parse_spec
 from vfmig.engine import wire
-from vfmig.engine.journaled import orchestrator_header, report_result, run_journaled
-from vfmig.engine.link import connect
-from vfmig.engine.orchestrator import Endpoint
+from vfmig.engine.journaled import (
+    agent_endpoints,
+    orchestrator_header,
+    report_result,
+    run_journaled,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -153,11 +156,8 @@ class HostedRuns:
         )
         where = {"journal": str(writer.path), "journal_host": socket.gethostname()}
         agent.log(f"run {run_id} for client {session.peer}: {len(pairs)} pair(s), {writer.path}")
-        endpoints = {
-            address: Endpoint(host=address, connect=partial(self._dial, address))
-            for address in {spec.address for pair in pairs for spec in pair}
-            if address is not None
-        }
+        config = agent.config
+        endpoints = agent_endpoints(pairs, key=config.key, tls=config.client_ssl)
 
         async def forward(subscription: Subscription) -> None:
             from vfmig.engine.bus import Record
@@ -197,10 +197,6 @@ class HostedRuns:
         agent.log(f"run {run_id}: {report.summary}")
         result = {**report_result(report), **where}
         return {"result": result, "summary": wire.summary_result(summarize(report.tally))}
-
-    async def _dial(self, address: str) -> tuple[trio.abc.Stream, bytes | None]:
-        config = self._agent.config
-        return await connect(address, ssl_context=config.client_ssl), config.key
 
 
 def _pairs(value: object) -> list[tuple[DeviceSpec, DeviceSpec]]:

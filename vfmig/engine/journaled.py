@@ -26,6 +26,7 @@ from __future__ import annotations
 import platform
 import socket
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -34,18 +35,20 @@ from vfmig import __version__
 from vfmig.core.errors import errno_name
 from vfmig.core.model import destination, source
 from vfmig.engine.bus import EventBus, Lossless, Ring
-from vfmig.engine.orchestrator import LOCAL, Orchestrator, OrchestratorConfig
+from vfmig.engine.link import connect
+from vfmig.engine.orchestrator import LOCAL, Endpoint, Orchestrator, OrchestratorConfig
 from vfmig.journal.codec import DeviceInfo, JournalHeader
 from vfmig.journal.collect import Collector
 from vfmig.journal.recorder import Written, bus_clock, record
 
 if TYPE_CHECKING:
+    import ssl
     from collections.abc import Awaitable, Callable, Mapping, Sequence
 
     from vfmig.core.options import RunOptions
     from vfmig.core.spec import DeviceSpec
     from vfmig.engine.bus import Record, Subscription
-    from vfmig.engine.orchestrator import Endpoint, RunReport
+    from vfmig.engine.orchestrator import RunReport
     from vfmig.journal.writer import JournalWriter
 
 #: How long the commit waits for the journal to hold the commit point on disk.
@@ -169,6 +172,19 @@ def orchestrator_header(
         vfmig=__version__,
     )
     return header, bus_clock()
+
+
+def agent_endpoints(
+    pairs: Sequence[tuple[DeviceSpec, DeviceSpec]], *, key: bytes | None, tls: ssl.SSLContext | None
+) -> dict[str, Endpoint]:
+    """How to reach the agent of every ``@HOST:PORT`` the pairs name: TCP (TLS with
+    ``tls``), links authenticated with ``key``."""
+
+    async def dial(address: str) -> tuple[trio.abc.Stream, bytes | None]:
+        return await connect(address, ssl_context=tls), key
+
+    addresses = dict.fromkeys(spec.address for pair in pairs for spec in pair if spec.address)
+    return {a: Endpoint(host=a, connect=partial(dial, a)) for a in addresses if a is not None}
 
 
 def report_result(report: RunReport) -> dict[str, Any]:
