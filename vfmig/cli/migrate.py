@@ -341,7 +341,7 @@ async def _migrate(
     import trio
 
     from vfmig.core.events import summarize
-    from vfmig.core.model import destination, source
+    from vfmig.core.model import by_device
     from vfmig.engine.journaled import agent_endpoints, report_result, run_journaled
     from vfmig.engine.orchestrator import LOCAL
     from vfmig.journal.runs import DataCapture
@@ -355,9 +355,7 @@ async def _migrate(
     def warn(line: str) -> None:
         print(f"vfmig: warning: {line}", file=env.stderr)
 
-    names = {}
-    for i, (src, dst) in enumerate(pairs):
-        names[source(i)], names[destination(i)] = str(src), str(dst)
+    names = {dev: str(spec) for dev, spec in by_device(pairs).items()}
     shown: list[ProgressDisplay] = []  # created at the first event: none if nothing happened
     watchers = []
     if not args.json:

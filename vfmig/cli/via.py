@@ -156,10 +156,9 @@ class HostedRunError(VfmigError):
         message, hint = error.get("message"), error.get("hint")
         super().__init__(str(message), hint=hint if isinstance(hint, str) else None)
         status = error.get("exit_status")
-        known = isinstance(status, int) and status in set(ExitStatus)
-        self.exit_status = (
-            ExitStatus(status) if isinstance(status, int) and known else (ExitStatus.FAILED)
-        )
+        self.exit_status = ExitStatus.FAILED
+        if isinstance(status, int) and status in set(ExitStatus):
+            self.exit_status = ExitStatus(status)
         journal, host = error.get("journal"), error.get("journal_host")
         self.journal: str | None = None
         if isinstance(journal, str) and isinstance(host, str):
@@ -170,13 +169,10 @@ class _Display:
     """The progress display, fed the run's event notices (created at the first event)."""
 
     def __init__(self, env: Environment, devices: list[str]) -> None:
-        from vfmig.core.model import destination, source
+        from vfmig.core.model import by_device
 
         self._env = env
-        self._names = {}
-        for i in range(len(devices) // 2):
-            self._names[source(i)] = devices[2 * i]
-            self._names[destination(i)] = devices[2 * i + 1]
+        self._names = by_device(zip(devices[::2], devices[1::2], strict=True))
         self._display: ProgressDisplay | None = None
 
     def handle(self, payload: dict[str, Value]) -> None:

@@ -26,13 +26,18 @@ from __future__ import annotations
 import enum
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from vfmig.core.errors import ExitStatus
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from vfmig.core.events import Event
     from vfmig.core.fsm import DeviceState, MigrationFlags
+
+
+T = TypeVar("T")
 
 
 class Role(enum.Enum):
@@ -77,6 +82,14 @@ def source(index: int) -> DeviceId:
 
 def destination(index: int) -> DeviceId:
     return DeviceId(Role.DESTINATION, index)
+
+
+def by_device(pairs: Iterable[tuple[T, T]]) -> dict[DeviceId, T]:
+    """What the pairs hold for each device of a run: ``{src0: SRC, dst0: DST, src1: ...}``."""
+    named: dict[DeviceId, T] = {}
+    for i, (src, dst) in enumerate(pairs):
+        named[source(i)], named[destination(i)] = src, dst
+    return named
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ import trio
 
 from vfmig import __version__
 from vfmig.core.errors import errno_name
-from vfmig.core.model import destination, source
+from vfmig.core.model import by_device
 from vfmig.engine.bus import EventBus, Lossless, Ring
 from vfmig.engine.link import connect
 from vfmig.engine.orchestrator import LOCAL, Endpoint, Orchestrator, OrchestratorConfig
@@ -154,12 +154,7 @@ def orchestrator_header(
 ) -> tuple[JournalHeader, Callable[[], int]]:
     """The header of an orchestrator's journal of a run, and the clock of its records (the
     bus's: call it inside ``trio.run``)."""
-    devices = []
-    for i, (src, dst) in enumerate(pairs):
-        devices += [
-            DeviceInfo(id=source(i), spec=str(src)),
-            DeviceInfo(id=destination(i), spec=str(dst)),
-        ]
+    devices = [DeviceInfo(id=dev, spec=str(spec)) for dev, spec in by_device(pairs).items()]
     header = JournalHeader(
         host=socket.gethostname(),
         role="orchestrator",

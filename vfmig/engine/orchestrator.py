@@ -91,8 +91,7 @@ from vfmig.core.model import (
     StreamProgress,
     SwitchoverAcked,
     Tick,
-    destination,
-    source,
+    by_device,
 )
 from vfmig.core.model import DeviceSpec as MachineSpec
 from vfmig.core.phases import MachineConfig, MigrationMachine
@@ -194,10 +193,7 @@ class Orchestrator:
         self._commit_hook = commit_hook
         self._end_hook = end_hook
         self._commit_published = False
-        self._specs: dict[DeviceId, DeviceSpec] = {}
-        for i, (src, dst) in enumerate(pairs):
-            self._specs[source(i)] = src
-            self._specs[destination(i)] = dst
+        self._specs: dict[DeviceId, DeviceSpec] = by_device(pairs)
         self._pairs = list(pairs)
         self._links: dict[str, Link] = {}
         self._handles: dict[DeviceId, str] = {}
