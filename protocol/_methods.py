@@ -67,6 +67,8 @@ METHODS: dict[str, Method] = {
         _m("status", "the agent's devices, streams and runs"),
         _m("journal", "bytes of the agent's journal of a run, from offset", run="str",
            offset="int"),
+        _m("fetch_journal", "bytes of a finished journal of the agent's store, from offset",
+           run="str", offset="int", role="str?"),
         _m("subscribe", "stream the agent's events as Notification messages",
            topics="list?"),
         _m("migrate", "run a migration from this agent (vfmig agent --orchestrate)",

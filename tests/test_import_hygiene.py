@@ -128,3 +128,19 @@ def test_a_thin_migrate_client_loads_no_trio_and_no_engine(tmp_path: object) -> 
         or m.startswith("vfmig.journal")
     ]
     assert not heavy, f"vfmig migrate --via loaded {heavy}"
+
+
+def test_journal_fetch_loads_no_trio_and_no_engine(tmp_path: object) -> None:
+    """``vfmig journal fetch`` is a blocking client too (:mod:`vfmig.cli.agent_client`); it
+    reads journals, so their codec (zstandard) is in."""
+    argv = ["journal", "fetch", "127.0.0.1:1", "r1", "--key-file", "k", "--json"]
+    setup = "from vfmig.engine.keys import create_key; create_key(pathlib.Path('k'))"
+    status, loaded = run_command(argv, tmp_path, setup=setup)
+    assert status == "4"  # nobody listens there: the client got as far as connecting
+    heavy = [
+        m
+        for m in loaded
+        if m.split(".")[0] in ("trio", "rich", "textual")
+        or (m.startswith("vfmig.engine.") and m not in ("vfmig.engine.keys", "vfmig.engine.wire"))
+    ]
+    assert not heavy, f"vfmig journal fetch loaded {heavy}"

@@ -164,6 +164,14 @@ def remote_sims(tmp_path: Path) -> Sims:
 
 
 @pytest.fixture
+def b_sims(tmp_path: Path) -> Sims:
+    """Devices for a second agent, with a --sim-dir of its own."""
+    root = tmp_path / "b-sims"
+    root.mkdir()
+    return Sims(root, relative=True)
+
+
+@pytest.fixture
 def key_file(tmp_path: Path) -> Path:
     path = tmp_path / "vfmig.key"
     create_key(path)

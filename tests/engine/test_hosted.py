@@ -35,18 +35,14 @@ S = DeviceState
 SIZE = 4 << 20
 
 
-@pytest.fixture
-def b_sims(tmp_path: Path) -> Sims:
-    root = tmp_path / "b-sims"
-    root.mkdir()
-    return Sims(root, relative=True)
-
-
 async def two_agents(
     cluster: Cluster, a_sims: Sims, b_sims: Sims, tmp_path: Path, *, orchestrate: bool = True
 ) -> tuple[RunningAgent, RunningAgent]:
+    """Agent A (hosting runs with ``orchestrate``, journaling them into tmp_path/hosted, and
+    serving that store as ``vfmig agent --orchestrate`` does) and agent B."""
     store = JournalStore(tmp_path / "hosted") if orchestrate else None
-    return await cluster.agent(a_sims, host_runs=store), await cluster.agent(b_sims)
+    a = await cluster.agent(a_sims, host_runs=store, journal_store=store)
+    return a, await cluster.agent(b_sims)
 
 
 def one_pair(a_sims: Sims, b_sims: Sims, a: RunningAgent, b: RunningAgent) -> tuple[str, str]:
@@ -379,11 +375,15 @@ async def test_a_strange_answer_is_a_clear_error(
 
 async def test_an_answer_followed_at_once_by_a_goodbye_is_the_answer(nursery, key_file) -> None:
     done = {"outcome": "completed", "exit_status": 0, "summary": "completed: 1 pair migrated"}
-    answer = {"result": {**done, "errors": [], "journal": "/j.vfj", "journal_host": "h"}}
+    answer = {
+        "result": {**done, "run": "r1", "errors": [], "journal": "/j.vfj", "journal_host": "h"}
+    }
     address = await fake_agent(nursery, key_file, answer, leave=True)
     result = await via(key_file, address, f"sim:a@{address}", f"sim:b@{address}")
     assert result.status == 0, result.stderr
     assert "journal: h:/j.vfj" in result.stdout
+    # On another host than this command's: how to copy it here.
+    assert f"copy it here: vfmig journal fetch {address} r1 --key-file {key_file}" in result.stdout
 
 
 async def test_a_client_that_stops_reading_never_holds_the_forwarder() -> None:

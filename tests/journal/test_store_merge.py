@@ -77,6 +77,40 @@ def test_last_is_the_newest_run_of_a_command_not_an_agent(
     assert only_agents.latest().name.endswith("-agent-a.vfj")
 
 
+def test_a_runs_journal_is_found_by_role_and_run(
+    tmp_path: Path, journal_header: Callable[..., JournalHeader]
+) -> None:
+    store = JournalStore(tmp_path)
+    runs = [("agent", "r1"), ("orchestrator", "r1"), ("agent", "r1"), ("agent", "xr1")]
+    for i, (role, run) in enumerate(runs):
+        h = journal_header(start_wall_ns=(1_700_000_000 + i) * S, run_id=run, role=role)
+        store.create(h).close()
+    names = [p.name for p in store.journals()]
+    assert store.find("r1", "agent") == tmp_path / names[2]  # the newest of that run
+    assert store.find("r1", "orchestrator") == tmp_path / names[1]
+    assert store.find("xr1", "agent") == tmp_path / names[3]
+    assert store.find("r", "agent") is None  # a whole run id, not a suffix
+    assert store.find("r1", "merged") is None
+    assert store.find("r1", "orchestrator-r1.vfj") is None
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../20231114T221320.000000Z-agent-r1.vfj",
+        "notes.txt",
+        "20231114T221320.000000Z-agent-r1.vfj\n",
+    ],
+)
+def test_only_a_journals_name_is_placed_in_a_store(tmp_path: Path, name: str) -> None:
+    store = JournalStore(tmp_path / "store")
+    with pytest.raises(JournalError, match="is not the name of a journal"):
+        store.place(name)
+    good = "20231114T221320.000000Z-agent-r1.vfj"
+    assert store.place(good) == tmp_path / "store" / good
+    assert stat.S_IMODE(store.directory.stat().st_mode) == 0o700
+
+
 def test_store_refuses_to_keep_nothing(tmp_path: Path) -> None:
     with pytest.raises(JournalError):
         JournalStore(tmp_path, keep=0)

@@ -16,6 +16,8 @@ streams it receives (``vfmig load`` re-drives them).
 With ``--orchestrate`` it also runs whole migrations for thin clients (``vfmig migrate
 --via``, :mod:`vfmig.engine.hosted`), journaled into the same directory as ``vfmig
 migrate`` would journal them (the orchestrator's journal, merged with the agents').
+Peers with the key can copy the finished journals of that directory (``vfmig journal
+fetch``); with ``--no-journal`` and without ``--orchestrate`` it serves none.
 
 It keeps a ledger of the runs it serves in ``--state-file`` (default: ``agent-HOST-PORT.ledger``
 beside the journal store), so that, restarted after a crash, it first brings back the
@@ -203,6 +205,7 @@ def run(args: argparse.Namespace, env: Environment) -> int:
         journal=journals,
         ledger=ledger,
         host_runs=store if args.orchestrate else None,
+        journal_store=store if journals is not None or args.orchestrate else None,
     )
     try:
         trio.run(_serve, config, journals, host, port)

@@ -1,4 +1,4 @@
-"""``vfmig journal verify|info|merge|export|diagnose``: look after flight-recorder journals.
+"""``vfmig journal verify|info|merge|export|diagnose|fetch``: look after flight-recorder journals.
 
 A JOURNAL argument is a path, or ``@last`` for the newest journal of the default store
 (``$XDG_STATE_HOME/vfmig``, ``/var/lib/vfmig`` for root). Exit statuses: ``verify`` 0 for
@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from vfmig.cli.agent_client import add_link_arguments
 from vfmig.core.diagnose import Diagnoser
 from vfmig.core.errors import ExitStatus, UsageError
 from vfmig.core.events import Event, Summary, to_record
@@ -217,6 +218,33 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     diagnose.add_argument("journal", metavar="JOURNAL")
     diagnose.add_argument("--json", action="store_true", help="print a JSON envelope")
     diagnose.set_defaults(run=run_diagnose)
+
+    fetch = commands.add_parser(
+        "fetch",
+        help="copy a finished journal from an agent's host",
+        description="Copy the journal of run RUN from the agent at AGENT (HOST:PORT) into "
+        "the journal store, under the agent's name for it, or to -o PATH: the journal of a "
+        "run the agent hosted (vfmig migrate --via; merged), or with --role agent the "
+        "agent's own side of a run. The copy is checked before it takes its place.",
+    )
+    fetch.add_argument("agent", metavar="AGENT", help="the agent's HOST:PORT")
+    fetch.add_argument("run_id", metavar="RUN", help="the run id (vfmig migrate prints it)")
+    fetch.add_argument(
+        "--role",
+        choices=("orchestrator", "agent"),
+        default="orchestrator",
+        help="whose journal of the run (default orchestrator)",
+    )
+    fetch.add_argument("-o", "--output", metavar="PATH", type=Path, help="default: the store")
+    add_link_arguments(fetch, key_required=True)
+    fetch.add_argument("--json", action="store_true", help="print a JSON envelope")
+    fetch.set_defaults(run=run_fetch)
+
+
+def run_fetch(args: argparse.Namespace, env: Environment) -> int:
+    from vfmig.cli import journal_fetch
+
+    return journal_fetch.run(args, env)
 
 
 def _scan(reader: JournalReader) -> dict[str, Any]:

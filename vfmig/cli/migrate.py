@@ -31,8 +31,10 @@ textual never.
 
 from __future__ import annotations
 
+import socket
 from typing import TYPE_CHECKING, Any
 
+from vfmig.cli.agent_client import add_link_arguments, client_tls
 from vfmig.core.errors import UsageError, VfmigError
 from vfmig.core.spec import parse_spec
 
@@ -40,7 +42,6 @@ if TYPE_CHECKING:
     import argparse
     import ssl
     from collections.abc import Callable
-    from pathlib import Path
 
     from vfmig.cli.context import Environment
     from vfmig.cli.progress import ProgressDisplay
@@ -72,14 +73,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="SRC DST",
         help="device specs in pairs: KIND:NAME[,key=value]...[@HOST:PORT]",
     )
-    parser.add_argument(
-        "--key-file", type=Path, metavar="PATH", help="shared key of the agents (vfmig keygen)"
-    )
-    parser.add_argument("--tls-cert", type=Path, metavar="PATH", help="client certificate (PEM)")
-    parser.add_argument("--tls-key", type=Path, metavar="PATH", help="its private key (PEM)")
-    parser.add_argument(
-        "--tls-ca", type=Path, metavar="PATH", help="CA that signed the agents' certificates"
-    )
+    add_link_arguments(parser, key_required=False)
     parser.add_argument(
         "--downtime-limit",
         type=_positive,
@@ -195,23 +189,6 @@ def pairs_of(texts: list[str]) -> list[tuple[DeviceSpec, DeviceSpec]]:
     return list(zip(specs[::2], specs[1::2], strict=True))
 
 
-def client_tls(cert: Path | None, key: Path | None, ca: Path | None) -> ssl.SSLContext | None:
-    """A TLS client context from --tls-*, or None for plain TCP."""
-    if cert is None and key is None and ca is None:
-        return None
-    import ssl
-
-    if (cert is None) != (key is None):
-        raise UsageError("--tls-cert and --tls-key go together")
-    try:
-        context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
-        if cert is not None and key is not None:
-            context.load_cert_chain(str(cert), str(key))
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load the TLS files: {exc}") from None
-    return context
-
-
 def run(args: argparse.Namespace, env: Environment) -> int:
     pairs = pairs_of(args.devices)
     options = _options(args)
@@ -226,7 +203,7 @@ def run(args: argparse.Namespace, env: Environment) -> int:
             "devices of agents (@HOST:PORT) need the shared key: --key-file PATH",
             hint="create one with 'vfmig keygen PATH' and give the same file to every agent",
         )
-    tls = client_tls(args.tls_cert, args.tls_key, args.tls_ca)
+    tls = client_tls(args)
     if args.journal is not None and args.keep_journals is not None:
         raise UsageError("--keep-journals is for the journal store: not with --journal PATH")
     journal: list[str] = []  # the run's journal, once created
@@ -245,7 +222,7 @@ def run(args: argparse.Namespace, env: Environment) -> int:
             error["journal"] = journal[0]
         env.emit_json("migrate", None, error=error)
         return int(exc.exit_status)
-    return _finish(env, result, summary, json=args.json)
+    return _finish(env, result, summary, args)
 
 
 def _via(
@@ -295,11 +272,14 @@ def _options(args: argparse.Namespace) -> RunOptions:
 
 
 def _finish(
-    env: Environment, result: dict[str, Any], summary: Callable[[], None] | None, *, json: bool
+    env: Environment,
+    result: dict[str, Any],
+    summary: Callable[[], None] | None,
+    args: argparse.Namespace,
 ) -> int:
     """Say how the run ended (``result`` as :func:`~vfmig.engine.journaled.report_result`
     gives it, with its journal); ``summary`` prints the display's summary first."""
-    if json:
+    if args.json:
         env.emit_json("migrate", result, error=_json_error(result))
     else:
         if summary is not None:
@@ -307,7 +287,20 @@ def _finish(
         _print_errors(env, result)
         host = result.get("journal_host")  # a run an agent hosted: on that agent's host
         env.print(f"journal: {f'{host}:' if host else ''}{result['journal']}")
+        if host is not None and host != socket.gethostname():
+            env.print(f"  copy it here: {_fetch_command(args, result['run'])}")
     return int(result["exit_status"])
+
+
+def _fetch_command(args: argparse.Namespace, run_id: str) -> str:
+    """The ``vfmig journal fetch`` that copies the journal of the run ``--via`` hosted."""
+    import shlex
+
+    words = ["vfmig", "journal", "fetch", args.via, run_id, "--key-file", str(args.key_file)]
+    for option in ("tls_cert", "tls_key", "tls_ca"):
+        if getattr(args, option) is not None:
+            words += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    return shlex.join(words)
 
 
 def _open_journal(

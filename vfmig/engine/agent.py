@@ -59,6 +59,7 @@ import dataclasses
 import errno as _errno
 import math
 import os
+import re
 import secrets
 import socket
 import ssl
@@ -202,6 +203,9 @@ class AgentConfig:
     #: Host runs for thin clients (``vfmig agent --orchestrate``), journaled into this
     #: store; None refuses ``migrate`` (:mod:`vfmig.engine.hosted`).
     host_runs: JournalStore | None = None
+    #: The journal store whose finished journals ``fetch_journal`` serves (the store of
+    #: ``journal`` and ``host_runs``); None serves none.
+    journal_store: JournalStore | None = None
 
 
 # --- state ------------------------------------------------------------------------------------
@@ -498,6 +502,8 @@ class Agent:
             return await self._commit(session, _param(params, "run", str))
         if method == "journal":
             return await self._journal_part(session, params)
+        if method == "fetch_journal":
+            return await self._fetch_journal(params)
         if method in ("migrate", "abort"):
             return await self._host(session, method, params)
         handler = _DEVICE_METHODS.get(method)
@@ -791,6 +797,38 @@ class Agent:
         if journal is None:
             raise _AgentError(Code.FAILED, "this agent keeps no journal (vfmig agent --no-journal)")
         path = await journal.closed(run_id)  # a JournalError is answered as failed
+        part = await trio.to_thread.run_sync(_read_journal, path, offset)
+        return wire.journal_result(part)
+
+    async def _fetch_journal(self, params: dict[str, Value]) -> Value:
+        """Bytes of a finished journal of this agent's store, from ``offset``: the
+        newest one ``role`` (orchestrator: a hosted run's; agent: this agent's side)
+        wrote for ``run``, to any authenticated peer (``vfmig journal fetch``)."""
+        run_id = _param(params, "run", str)
+        offset = _param(params, "offset", int)
+        role = params.get("role") or "orchestrator"
+        if role not in _FETCHED_ROLES:
+            raise _AgentError(Code.BAD_PARAMS, f"role must be orchestrator or agent, not {role!r}")
+        if not _RUN_ID.fullmatch(run_id):
+            raise _AgentError(Code.BAD_PARAMS, f"{run_id!r} is not a run id")
+        store = self.config.journal_store
+        if store is None:
+            raise _AgentError(Code.NOT_FOUND, "this agent keeps no journals (--no-journal)")
+        run = self.runs.get(run_id)
+        held = run is not None and any(self.slots.get(s.handle) is s for s in run.slots)
+        if held or (self._hosted is not None and self._hosted.running(run_id)):
+            raise _AgentError(
+                Code.BUSY, f"run {run_id} is in progress here: its journal is not finished"
+            )
+        if role == "agent" and self.config.journal is not None:
+            await self.config.journal.end(run_id)  # an ended run's journal still open: close it
+        if self._hosted is not None and not await self._hosted.settled(run_id):
+            raise _AgentError(Code.BUSY, f"the journal of run {run_id} is still being merged")
+        path = await trio.to_thread.run_sync(store.find, run_id, str(role))
+        if path is None:
+            raise _AgentError(
+                Code.NOT_FOUND, f"no {role} journal of run {run_id} in {store.directory}"
+            )
         part = await trio.to_thread.run_sync(_read_journal, path, offset)
         return wire.journal_result(part)
 
@@ -1186,6 +1224,12 @@ def _timeout(params: dict[str, Value], default: float | None) -> float | None:
     ):
         return float(value)
     return default
+
+
+#: The journals ``fetch_journal`` serves, by the role in their name.
+_FETCHED_ROLES: Final = ("orchestrator", "agent")
+#: What a run id looks like (a journal's name keeps it as it is).
+_RUN_ID: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def _read_journal(path: Path, offset: int) -> wire.JournalPart:

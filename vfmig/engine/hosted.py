@@ -18,7 +18,8 @@ held back by a client that stopped reading. The answer holds the run's report
 (:func:`~vfmig.engine.journaled.report_result`), its summary for the client's display, and
 where its journal is: in this agent's journal store. The agents' journals are merged into
 it right after the answer is sent (24-54 ms of a 512 MiB run the client does not wait
-for); the file at that path is a whole journal before the merge and after it.
+for); the file at that path is a whole journal before the merge and after it, and a
+``fetch_journal`` of the run (``vfmig journal fetch``) waits for the merge.
 
 Ownership: the client owns its run. Its ``abort`` (Ctrl-C, SIGTERM) and the loss of its
 control link both abort the run -- before the commit point every device is brought back,
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
 
 #: The reason a run is aborted with when its client's link is lost.
 CLIENT_LOST: Final = "the client of the run left (vfmig migrate --via)"
+#: How long a fetch of a run's journal waits for its merge (seconds).
+SETTLE_WAIT: Final = 30.0
 
 
 class HostedError(VfmigError):
@@ -87,6 +90,8 @@ class HostedRuns:
         self._merges: dict[ControlSession, tuple[str, list[Callable[[], object]]]] = {}
         #: Journal merges in progress (``Agent.wait_idle`` waits for them).
         self.merging = 0
+        #: Runs over whose journal is not merged yet: set once it is.
+        self._unsettled: dict[str, trio.Event] = {}
 
     async def migrate(self, session: ControlSession, params: dict[str, Value]) -> Value:
         """Run the migration ``params`` describe for ``session``'s client; the answer is the
@@ -119,22 +124,35 @@ class HostedRuns:
             await hosted.orchestrator.abort(reason, signal)
         return True
 
+    def running(self, run_id: str) -> bool:
+        return any(hosted.run_id == run_id for hosted in self._runs.values())
+
+    async def settled(self, run_id: str) -> bool:
+        """Wait up to :data:`SETTLE_WAIT` for ``run_id``'s journal merge, if one is due;
+        whether the journal is final now."""
+        event = self._unsettled.get(run_id)
+        if event is not None:
+            with trio.move_on_after(SETTLE_WAIT):
+                await event.wait()
+        return event is None or event.is_set()
+
     def answered(self, session: ControlSession) -> None:
         """An answer to ``session``'s ``migrate`` is sent: once it was the run's own (no
         run of that session goes on), merge the run's journal."""
-        if session in self._runs:  # a refused second request: the run has not ended
+        if session in self._runs or session not in self._merges:  # a refused request
             return
-        run_id, merges = self._merges.pop(session, ("", []))
-        for merge in merges:
-            self.merging += 1
-            self._agent.nursery.start_soon(self._merge, run_id, merge)
+        run_id, merges = self._merges.pop(session)
+        self.merging += 1
+        self._agent.nursery.start_soon(self._merge, run_id, merges)
 
-    async def _merge(self, run_id: str, merge: Callable[[], object]) -> None:
+    async def _merge(self, run_id: str, merges: list[Callable[[], object]]) -> None:
         try:
-            await trio.to_thread.run_sync(merge)
-            self._agent.log(f"run {run_id}: the agents' journals are merged into its journal")
+            for merge in merges:
+                await trio.to_thread.run_sync(merge)
+                self._agent.log(f"run {run_id}: the agents' journals are merged into its journal")
         finally:
             self.merging -= 1
+            self._unsettled.pop(run_id, trio.Event()).set()
             self._agent.changed()
 
     def session_ended(self, session: ControlSession) -> None:
@@ -173,6 +191,7 @@ class HostedRuns:
 
         merges: list[Callable[[], object]] = []
         self._merges[session] = (run_id, merges)
+        self._unsettled[run_id] = trio.Event()
         try:
             report = await run_journaled(
                 pairs,

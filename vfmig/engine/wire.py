@@ -63,6 +63,7 @@ class Code(enum.StrEnum):
     HUNG = "hung"  #: the device did not return within the step timeout
     FAILED = "failed"  #: the device operation failed (errno)
     DECIDED = "decided"  #: the run was already decided otherwise (a late commit)
+    NOT_FOUND = "not_found"  #: no such journal here (fetch_journal)
 
 
 class Verdict(enum.StrEnum):

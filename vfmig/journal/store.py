@@ -39,6 +39,8 @@ ROOT_DIR: Final = Path("/var/lib/vfmig")
 #: An explicit journal directory, for every user.
 ENV_DIR: Final = "VFMIG_JOURNAL_DIR"
 _NAME = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[a-z0-9-]+-[A-Za-z0-9_.-]+\.vfj$")
+#: Where the role begins in a journal's name: after ``yyyymmddThhmmss.ffffffZ-``.
+_TAIL: Final = 24
 
 
 def default_dir(environ: Mapping[str, str] | None = None, uid: int | None = None) -> Path:
@@ -59,9 +61,14 @@ def default_dir(environ: Mapping[str, str] | None = None, uid: int | None = None
 
 def journal_name(header: JournalHeader) -> str:
     when = _dt.datetime.fromtimestamp(header.start_wall_ns / 1e9, tz=_dt.UTC)
-    role = re.sub(r"[^a-z0-9-]", "-", header.role.lower()) or "run"
-    run_id = re.sub(r"[^A-Za-z0-9_.-]", "_", header.run_id) or "run"
-    return f"{when:%Y%m%dT%H%M%S.%f}Z-{role}-{run_id}{SUFFIX}"
+    return f"{when:%Y%m%dT%H%M%S.%f}Z-{_name_tail(header.role, header.run_id)}"
+
+
+def _name_tail(role: str, run_id: str) -> str:
+    """What follows the time in the name of ``role``'s journal of ``run_id``."""
+    role = re.sub(r"[^a-z0-9-]", "-", role.lower()) or "run"
+    run_id = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id) or "run"
+    return f"{role}-{run_id}{SUFFIX}"
 
 
 class JournalStore:
@@ -103,6 +110,20 @@ class JournalStore:
             )
         ours = [p for p in journals if "Z-agent-" not in p.name]
         return (ours or journals)[-1]
+
+    def find(self, run_id: str, role: str) -> Path | None:
+        """The newest journal ``role`` wrote for ``run_id`` in the store (None if none)."""
+        tail = _name_tail(role, run_id)
+        found = [p for p in self.journals() if p.name[_TAIL:] == tail]
+        return found[-1] if found else None
+
+    def place(self, name: str) -> Path:
+        """Where the journal another store calls ``name`` goes in this one (the directory
+        made if need be)."""
+        if not _NAME.fullmatch(name):
+            raise JournalError(f"{name!r} is not the name of a journal of a store")
+        self._ensure()
+        return self.directory / name
 
     def create(self, header: JournalHeader, **options: Any) -> JournalWriter:
         """A writer of a new journal in the store (mode 0600); older ones beyond keep go."""
