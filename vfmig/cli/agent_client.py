@@ -15,6 +15,7 @@ becomes a :class:`~vfmig.core.errors.PeerError` that says why.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import select
 import signal
 import socket
@@ -106,6 +107,7 @@ class AgentClient:
         self._sock = sock
         self.peer = peer
         self._lost_hint = lost_hint
+        self._ids = itertools.count(1)
         self._conn = Connection(Role.ORCHESTRATOR, Config(key=key), name=name)
         self._ready = False
         self._lost: str | None = None  # why the transport failed, if it did
@@ -118,12 +120,16 @@ class AgentClient:
             for event in self.receive(wake=lambda: bool(interrupted)):
                 self.check(event)
 
-    def call(
-        self, request_id: int, method: str, params: dict[str, Value], interrupted: list[str]
-    ) -> Value:
+    def request(self, method: str, params: dict[str, Value]) -> int:
+        """Send a request; its id."""
+        request_id = next(self._ids)
+        self.send(Request(id=request_id, method=method, params=params))
+        return request_id
+
+    def call(self, method: str, params: dict[str, Value], interrupted: list[str]) -> Value:
         """Ask ``method`` and wait for its answer's result (an interrupt raises
         KeyboardInterrupt; an ErrorResponse, :class:`RequestFailed`)."""
-        self.send(Request(id=request_id, method=method, params=params))
+        request_id = self.request(method, params)
         while True:
             if interrupted:
                 raise KeyboardInterrupt

@@ -106,42 +106,56 @@ def fetch(
     with interrupts() as interrupted, connect(address, tls, hint=hint) as sock:
         client = AgentClient(sock, peer, key, name="vfmig journal fetch", lost_hint=None)
         client.handshake(interrupted)
-        params: dict[str, Any] = {"run": run_id, "offset": 0, "role": role}
-        first = _ask(client, 1, params, interrupted)
-        target = output if output is not None else JournalStore().place(first.name)
-        with _staged(target) as (staged, out):
-            part, request = first, 1
-            while True:
-                for piece in part.pieces:
-                    out.write(piece)
-                params["offset"] += sum(len(piece) for piece in part.pieces)
-                if part.done:
-                    break
-                if not part.pieces or params["offset"] >= first.size:
-                    raise PeerError(peer, f"the agent's parts do not add up to {first.size} bytes")
-                request += 1
-                part = _ask(client, request, params, interrupted)
-                if (part.name, part.size) != (first.name, first.size):
-                    raise PeerError(
-                        peer,
-                        "the journal changed on the agent's host while it was fetched",
-                        hint="fetch it again",
-                    )
-            client.close()
-            out.flush()
-            os.fsync(out.fileno())
-            if params["offset"] != first.size:
-                raise PeerError(peer, f"got {params['offset']} bytes of {first.size}")
-            info = _check(staged, run_id)
-            os.replace(staged, target)
+        found = copy_journal(client, run_id, role, output, JournalStore(), interrupted)
+        client.close()
+    return found
+
+
+def copy_journal(
+    client: AgentClient,
+    run_id: str,
+    role: str,
+    output: Path | None,
+    store: JournalStore,
+    interrupted: list[str],
+) -> tuple[Path, dict[str, Any]]:
+    """Copy ``role``'s journal of ``run_id`` over ``client``'s link to ``output``, or into
+    ``store`` under the agent's name for it; where it is and what it holds."""
+    params: dict[str, Any] = {"run": run_id, "offset": 0, "role": role}
+    first = part = _ask(client, params, interrupted)
+    target = output if output is not None else store.place(first.name)
+    with _staged(target) as (staged, out):
+        while True:
+            for piece in part.pieces:
+                out.write(piece)
+            params["offset"] += sum(len(piece) for piece in part.pieces)
+            if part.done:
+                break
+            if not part.pieces or params["offset"] >= first.size:
+                raise PeerError(
+                    client.peer, f"the agent's parts do not add up to {first.size} bytes"
+                )
+            part = _ask(client, params, interrupted)
+            if (part.name, part.size) != (first.name, first.size):
+                raise PeerError(
+                    client.peer,
+                    "the journal changed on the agent's host while it was fetched",
+                    hint="fetch it again",
+                )
+        out.flush()
+        os.fsync(out.fileno())
+        if params["offset"] != first.size:
+            raise PeerError(client.peer, f"got {params['offset']} bytes of {first.size}")
+        info = _check(staged, run_id)
+        os.replace(staged, target)
     return target, {"run": run_id, "role": role, "name": first.name, **info}
 
 
-def _ask(client: AgentClient, request: int, params: dict[str, Any], interrupted: list[str]) -> Any:
+def _ask(client: AgentClient, params: dict[str, Any], interrupted: list[str]) -> Any:
     from vfmig.engine import wire
 
     try:
-        value = client.call(request, "fetch_journal", params, interrupted)
+        value = client.call("fetch_journal", params, interrupted)
     except RequestFailed as exc:
         status = _EXIT.get(exc.code, ExitStatus.FAILED)
         raise FetchRefused(f"{client.peer}: {exc.message}", status, _HINTS.get(exc.code)) from None

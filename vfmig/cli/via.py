@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from vfmig.cli.agent_client import AgentClient, connect, interrupts, never
 from vfmig.core.errors import ExitStatus, PeerError, VfmigError
-from vfmig.protocol import ErrorResponse, Notification, Request, Response
+from vfmig.protocol import ErrorResponse, Notification, Response
 
 if TYPE_CHECKING:
     import ssl
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from vfmig.cli.progress import ProgressDisplay
     from vfmig.core.options import RunOptions
     from vfmig.protocol import Value
-_MIGRATE, _ABORT = 1, 2
 #: ErrorResponse codes -> exit status (anything else: FAILED). An agent that does not
 #: orchestrate (or predates hosted runs) answers unknown_method.
 _EXIT: Final = {
@@ -85,7 +84,7 @@ def run_via(
             "options": options.to_wire(),
             "progress": not json,
         }
-        client.send(Request(id=_MIGRATE, method="migrate", params=params))
+        migrate = client.request("migrate", params)
         shown = _Display(env, devices) if not json else None
         aborting = False
         while True:
@@ -93,12 +92,12 @@ def run_via(
                 aborting = True
                 name = interrupted[0]
                 print(f"vfmig: {name}: rolling the run back (the agent does it)", file=env.stderr)
-                client.send(Request(id=_ABORT, method="abort", params={"signal": name}))
+                client.request("abort", {"signal": name})
             wake = never if aborting else lambda: bool(interrupted)
             for event in client.receive(wake=wake):  # in order: an answer before a Goodbye
                 if isinstance(event, Notification) and shown is not None:
                     shown.handle(event.payload)
-                elif isinstance(event, Response | ErrorResponse) and event.id == _MIGRATE:
+                elif isinstance(event, Response | ErrorResponse) and event.id == migrate:
                     client.close()
                     return _answer(event, shown, peer)
                 client.check(event)
