@@ -25,9 +25,11 @@ RSS (VmHWM) of each agent and of the migrate command. Times are wall-clock of th
 command, process start-up included; vfmig's own run time (``total_ms`` of ``vfmig migrate
 --json``: without the interpreter's start-up) is shown next to it.
 
-``--via`` has each round's ``vfmig migrate`` ask the source agent (``--orchestrate``) to
-run the migration (the thin client of ADR 0010). ``--journal-cost``, ``--against`` and
-``--compare-via`` replace the peer by a second set of vfmig agents
+The source agent runs with ``--orchestrate``, so each round's ``vfmig migrate`` has it run
+the migration (the thin client of ADR 0010, as it is by default with such agents) and
+copies the run's journal here; ``--in-command`` starts the agents without it, and the
+command orchestrates the run itself. ``--journal-cost``, ``--against`` and
+``--compare-in-command`` replace the peer by a second set of vfmig agents
 (without journals; another installation's) and pair the rounds.
 
 Until ``vfmig migrate`` and ``vfmig agent`` exist, only the peer half runs (and says so).
@@ -218,8 +220,8 @@ class Agents:
     destination_dir: Path
     processes: list[subprocess.Popen[bytes]]
     vfmig: Path  #: the command the agents run, and the rounds' ``vfmig migrate``
-    #: The rounds' ``vfmig migrate --via`` the source agent (which then orchestrates).
-    via: bool = False
+    #: The source agent orchestrates (``--orchestrate``): it hosts the rounds' runs.
+    orchestrate: bool = True
 
 
 @contextlib.contextmanager
@@ -230,11 +232,11 @@ def agents(
     journal: bool = True,
     pin: Pin = None,
     vfmig: Path = VFMIG,
-    via: bool = False,
+    orchestrate: bool = True,
 ) -> Iterator[Agents]:
     """A source and a destination agent of the ``vfmig`` command (``name`` prefixes their
     files), each journaling its runs into a directory of its own unless ``journal`` is off
-    (``--no-journal``); with ``via`` the source agent orchestrates the rounds' runs."""
+    (``--no-journal``); with ``orchestrate`` the source agent hosts the rounds' runs."""
     key = work / "vfmig.key"
     if not key.exists():
         command = [str(vfmig), "keygen", str(key)]
@@ -253,13 +255,13 @@ def agents(
                 command += ["--journal-dir", str(work / f"{name}{role}-journals")]
             else:
                 command += ["--no-journal"]
-            if via and role == "source":
+            if orchestrate and role == "source":
                 command += ["--orchestrate"]
             command = pinned(command, pin, sending=role == "source")
             processes.append(subprocess.Popen(command, stdout=log, stderr=log, env=VFMIG_ENV))
             log.close()
             wait_listening(port, processes[-1], f"the {role} agent")
-        yield Agents(key, ports[0], ports[1], dirs[0], dirs[1], processes, vfmig, via)
+        yield Agents(key, ports[0], ports[1], dirs[0], dirs[1], processes, vfmig, orchestrate)
     finally:
         for process in processes:
             process.terminate()
@@ -285,8 +287,6 @@ def vfmig_round(
         "--no-precopy",
         "--json",
     ]
-    if setup.via:
-        command += ["--via", f"127.0.0.1:{setup.source_port}"]
     out, err = logs / "migrate.json", logs / "migrate.log"
     agents_before = [cpu_seconds(process.pid) for process in setup.processes]
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
@@ -382,7 +382,9 @@ def alternating_rounds(
     runs: dict[K, list[Run]] = {key: [] for key in keys}
     with contextlib.ExitStack() as stack:
         setups = {
-            key: stack.enter_context(agents(work, **{"via": args.via, **variants[key]}))
+            key: stack.enter_context(
+                agents(work, **{"orchestrate": not args.in_command, **variants[key]})
+            )
             for key in keys
         }
         for setup in setups.values():
@@ -443,14 +445,17 @@ def print_paired(diffs: Sequence[float], base: float, out: IO[str]) -> None:
 
 def against(work: Path, size: int, args: argparse.Namespace, state: Path, out: IO[str]) -> None:
     """This vfmig against another way (``--against``: another installation's vfmig;
-    ``--compare-via``: this one with ``--via``), rounds alternating: the way to measure a
-    change on a machine whose speed drifts between invocations."""
-    if args.compare_via:
+    ``--compare-in-command``: this one orchestrating in the command), rounds alternating:
+    the way to measure a change on a machine whose speed drifts between invocations."""
+    if args.compare_in_command:
         ways = {
-            "this": {"name": "command-", "via": False},
-            "via": {"name": "via-", "via": True},
+            "this": {"name": "hosted-", "orchestrate": True},
+            "command": {"name": "command-", "orchestrate": False},
         }
-        shown = {"this": "orchestrator in vfmig migrate", "via": "vfmig migrate --via"}
+        shown = {
+            "this": "run hosted by the source agent",
+            "command": "orchestrator in vfmig migrate",
+        }
     else:
         other = Path(args.against).resolve()
         ways = {
@@ -517,23 +522,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "change); prints both medians and their difference paired by round",
     )
     parser.add_argument(
-        "--via",
+        "--in-command",
         action="store_true",
-        help="every round's vfmig migrate asks the source agent to run the migration "
-        "(vfmig migrate --via; the source agent runs with --orchestrate): the thin client "
-        "of ADR 0010 instead of an orchestrator in the command",
+        help="start the agents without --orchestrate: every round's vfmig migrate runs the "
+        "migration itself instead of having the source agent host it (ADR 0010)",
     )
     parser.add_argument(
-        "--compare-via",
+        "--compare-in-command",
         action="store_true",
-        help="instead of the peer: rounds alternating between vfmig migrate with its own "
-        "orchestrator and vfmig migrate --via the source agent; prints both medians and "
-        "their difference paired by round",
+        help="instead of the peer: rounds alternating between runs the source agent hosts "
+        "and runs vfmig migrate orchestrates itself; prints both medians and their "
+        "difference paired by round",
     )
     args = parser.parse_args(argv)
-    if sum(map(bool, (args.against, args.journal_cost, args.compare_via))) > 1:
+    if sum(map(bool, (args.against, args.journal_cost, args.compare_in_command))) > 1:
         raise BenchError(
-            "--against, --journal-cost and --compare-via are different benchmarks: one at a time"
+            "--against, --journal-cost and --compare-in-command are different benchmarks: "
+            "one at a time"
         )
     if args.against and not os.access(args.against, os.X_OK):
         raise BenchError(f"--against {args.against}: not an executable vfmig command")
@@ -562,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             + (f"; sending side on CPU {pin[0]}, receiving side on CPU {pin[1]}" if pin else ""),
             file=out,
         )
-        if args.journal_cost or args.against or args.compare_via:
+        if args.journal_cost or args.against or args.compare_in_command:
             if without_engine:
                 raise BenchError(without_engine)
             (journal_cost if args.journal_cost else against)(work, size, args, state, out)
@@ -572,7 +577,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         hwm: tuple[int, int] | None = None
         with contextlib.ExitStack() as stack:
             setup = (
-                None if without_engine else stack.enter_context(agents(work, pin=pin, via=args.via))
+                None
+                if without_engine
+                else stack.enter_context(agents(work, pin=pin, orchestrate=not args.in_command))
             )
             if setup is not None:  # the source device reads the peer's file (no copy)
                 os.link(state, setup.source_dir / "state.bin")

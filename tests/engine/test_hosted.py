@@ -58,7 +58,7 @@ async def via(key_file: Path, address: str, *argv: str) -> Any:
 
 
 async def test_a_thin_client_has_the_agent_run_the_migration(
-    cluster, remote_sims, b_sims, key_file, tmp_path
+    cluster, remote_sims, b_sims, key_file, tmp_path, journal_store
 ) -> None:
     a, b = await two_agents(cluster, remote_sims, b_sims, tmp_path)
     src, dst = one_pair(remote_sims, b_sims, a, b)
@@ -70,26 +70,24 @@ async def test_a_thin_client_has_the_agent_run_the_migration(
     assert run["downtime_ms"] is not None
     assert (remote_sims.state("a"), b_sims.state("b")) == (S.STOP, S.RUNNING)
     assert b_sims.dump("b") == remote_sims.image("a")
-    # The run's journal is on the agent's host: whole as soon as the answer came, merged
-    # with both agents' own journals right after (the client does not wait for that).
+    # The agent journals the run and merges both agents' own journals into it; the client
+    # copies it into this host's store once merged, as if it had run the migration itself.
     journal = Path(run["journal"])
-    assert run["journal_host"] == socket.gethostname()
-    assert journal.parent == tmp_path / "hosted"
-
-    def info() -> Any:
-        return json.loads(run_cli("journal", "info", "--json", str(journal)).stdout)["result"]
-
-    assert info()["outcome"] == "completed"
-    await cluster.settle()  # the merge included
-    assert info()["header"]["role"] == "merged"
-    assert info()["outcome"] == "completed"
-    assert len(info()["header"]["merged_from"]) == 3
+    assert journal.parent == journal_store
+    assert "journal_host" not in run
+    hosted = tmp_path / "hosted" / journal.name
+    await cluster.settle()
+    assert await trio.Path(journal).read_bytes() == await trio.Path(hosted).read_bytes()
+    info = json.loads(run_cli("journal", "info", "--json", "@last").stdout)["result"]
+    assert (info["header"]["role"], info["header"]["run_id"]) == ("merged", run["run"])
+    assert info["outcome"] == "completed"
+    assert len(info["header"]["merged_from"]) == 3
     assert any(f"run {run['run']} for client" in line for line in a.log)
     assert any("journals are merged into its journal" in line for line in a.log)
 
 
 async def test_the_thin_client_shows_progress_and_the_summary(
-    cluster, remote_sims, b_sims, key_file, tmp_path
+    cluster, remote_sims, b_sims, key_file, tmp_path, journal_store
 ) -> None:
     a, b = await two_agents(cluster, remote_sims, b_sims, tmp_path)
     src, dst = one_pair(remote_sims, b_sims, a, b)
@@ -97,7 +95,7 @@ async def test_the_thin_client_shows_progress_and_the_summary(
     assert result.status == 0, result.stderr
     for line in ("phase precopy", "phase commit", "completed: 1 pair migrated", "downtime"):
         assert line in result.stdout
-    assert f"journal: {socket.gethostname()}:{tmp_path / 'hosted'}" in result.stdout
+    assert f"journal: {journal_store}" in result.stdout
     assert (remote_sims.state("a"), b_sims.state("b")) == (S.STOP, S.RUNNING)
 
 
@@ -111,6 +109,86 @@ async def test_an_agent_without_orchestrate_refuses_the_run(
     assert "does not orchestrate runs" in result.stderr
     assert "hint: start the agent with --orchestrate" in result.stderr
     assert (remote_sims.state("a"), b_sims.state("b")) == (None, None)
+
+
+async def migrate(key_file: Path, *argv: str) -> Any:
+    """``vfmig migrate --key-file KEY ARGV`` (no --via) in a worker thread."""
+    command = ["migrate", "--key-file", str(key_file), *argv]
+    return await trio.to_thread.run_sync(lambda: run_cli(*command))
+
+
+@pytest.mark.parametrize(
+    ("orchestrate", "argv", "hosted"),
+    [(True, [], True), (False, [], False), (True, ["--no-via"], False)],
+    ids=["orchestrates", "does-not", "no-via"],
+)
+def test_the_sources_agent_hosts_the_run_when_it_orchestrates(
+    agent_process, key_file, tmp_path, journal_store, orchestrate, argv, hosted
+) -> None:
+    """Every device on an agent: the first source's agent is asked to host the run; one
+    that does not orchestrate answers unknown_method, and the command runs it itself (as
+    with --no-via). The run, its output and its journal here are the same either way."""
+    a_dir, b_dir = tmp_path / "A", tmp_path / "B"
+    a_dir.mkdir()
+    b_dir.mkdir()
+    a = agent_process(key_file, a_dir, *(["--orchestrate"] if orchestrate else []))
+    b = agent_process(key_file, b_dir)
+    a_sims, b_sims = Sims(a_dir, relative=True), Sims(b_dir, relative=True)
+    src = a_sims.spec("a", size=SIZE, at=a.address)
+    dst = b_sims.spec("b", size=SIZE, image=False, dump=True, at=b.address)
+    result = run_cli("migrate", "--key-file", str(key_file), *argv, src, dst)
+    assert result.status == 0, result.stderr
+    assert "completed: 1 pair migrated" in result.stdout
+    assert b_sims.dump("b") == a_sims.image("a")
+    a.stop()
+    assert len([line for line in a.log if "for client" in line]) == hosted
+    info = json.loads(run_cli("journal", "info", "--json", "@last").stdout)["result"]
+    assert info["header"]["role"] == "merged"
+    assert len(info["header"]["merged_from"]) == 3
+    assert f"journal: {journal_store}" in result.stdout
+    assert "warning" not in result.stderr
+
+
+def test_who_hosts_a_run() -> None:
+    """The first source's agent, when every address means the same on its host as here."""
+    from vfmig.cli.migrate import hosting_agent, pairs_of
+
+    def host(*specs: str, refused: bool = False) -> str | None:
+        return hosting_agent(pairs_of(list(specs)), refused)
+
+    assert host("sim:a@127.0.0.1:1", "sim:b@localhost:2") == "127.0.0.1:1"
+    assert host("sim:a@[::1]:1", "sim:b@127.0.0.2:2") == "[::1]:1"
+    assert host("sim:a@h1:1", "sim:b@10.0.0.2:2", "sim:c@h3:3", "sim:d@h1:1") == "h1:1"
+    assert host("sim:a@127.0.0.1:1", "sim:b@h2:2") is None  # loopback where?
+    assert host("sim:a@h1:1", "sim:b@127.0.0.1:2") is None
+    assert host("sim:a@h1:1", "sim:b") is None  # a device of this command
+    assert host("sim:a@h1:1", "sim:b@h2:2", refused=True) is None
+
+
+async def test_a_journal_that_cannot_be_copied_stays_on_the_agents_host(
+    cluster, remote_sims, b_sims, key_file, tmp_path, journal_store, monkeypatch
+) -> None:
+    a, b = await two_agents(cluster, remote_sims, b_sims, tmp_path)
+    monkeypatch.setattr(JournalStore, "find", lambda self, run, role: None)
+    src, dst = one_pair(remote_sims, b_sims, a, b)
+    result = await via(key_file, a.address, src, dst)
+    assert result.status == 0, result.stderr  # the run's outcome, whatever its journal
+    assert "vfmig: warning: the run's journal stays on the agent's host: agent" in result.stderr
+    assert f"journal: {socket.gethostname()}:{tmp_path / 'hosted'}" in result.stdout
+    assert list(journal_store.iterdir()) == []
+
+
+async def test_a_hosted_runs_journal_goes_where_journal_says(
+    cluster, remote_sims, b_sims, key_file, tmp_path, journal_store
+) -> None:
+    a, b = await two_agents(cluster, remote_sims, b_sims, tmp_path)
+    src, dst = one_pair(remote_sims, b_sims, a, b)
+    path = tmp_path / "run.vfj"
+    result = await migrate(key_file, "--journal", str(path), "--json", src, dst)
+    assert result.status == 0, result.stderr
+    assert json.loads(result.stdout)["result"]["journal"] == str(path)
+    assert run_cli("journal", "verify", str(path)).status == 0
+    assert list(journal_store.iterdir()) == []
 
 
 async def test_a_wrong_key_is_refused(cluster, remote_sims, b_sims, tmp_path) -> None:
@@ -127,7 +205,7 @@ async def test_a_wrong_key_is_refused(cluster, remote_sims, b_sims, tmp_path) ->
 
 
 async def test_an_unreachable_agent_of_the_run_is_reported_with_the_journal(
-    cluster, remote_sims, b_sims, key_file, tmp_path
+    cluster, remote_sims, b_sims, key_file, tmp_path, journal_store
 ) -> None:
     a, _ = await two_agents(cluster, remote_sims, b_sims, tmp_path)
     src = remote_sims.spec("a", size=SIZE, at=a.address)
@@ -135,8 +213,7 @@ async def test_an_unreachable_agent_of_the_run_is_reported_with_the_journal(
     assert result.status == 4, result.stdout + result.stderr
     error = json.loads(result.stdout)["error"]
     assert "127.0.0.1:1: cannot connect to the agent" in error["message"]
-    host, _, path = error["journal"].partition(":")
-    assert (host, Path(path).parent) == (socket.gethostname(), tmp_path / "hosted")
+    assert Path(error["journal"]).parent == journal_store  # copied here, as a run's is
     assert remote_sims.state("a") in (None, S.RUNNING)
     await cluster.settle()
 
@@ -145,10 +222,10 @@ async def test_an_unreachable_agent_of_the_run_is_reported_with_the_journal(
     ("argv", "message"),
     [
         (["sim:a", "sim:b@127.0.0.1:1"], "every device needs its @HOST:PORT (sim:a has none)"),
-        (["--journal", "j.vfj", "sim:a@127.0.0.1:1", "sim:b@127.0.0.1:1"], "neither --journal"),
+        (["--journal", __file__, "sim:a@127.0.0.1:1", "sim:b@127.0.0.1:1"], "exists: journals"),
         (["sim:a@127.0.0.1:1", "sim:b@127.0.0.1:1", "sim:c@127.0.0.1:1"], "come in pairs"),
     ],
-    ids=["local-device", "journal-path", "odd"],
+    ids=["local-device", "existing-journal", "odd"],
 )
 def test_what_a_thin_client_cannot_ask_is_a_usage_error(key_file, argv, message) -> None:
     result = run_cli("migrate", "--via", "127.0.0.1:1", "--key-file", str(key_file), *argv)

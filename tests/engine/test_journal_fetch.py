@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 import trio
 
+from vfmig.core.errors import JournalError
 from vfmig.core.model import Phase
-from vfmig.journal.codec import JournalError, JournalHeader
+from vfmig.journal.codec import JournalHeader
 from vfmig.journal.reader import JournalReader
 from vfmig.journal.store import JournalStore
 from vfmig.journal.writer import JournalWriter

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from vfmig.core import events as ev
+from vfmig.core.errors import JournalError
 from vfmig.core.model import Phase, source
 from vfmig.core.view import RunView, from_snapshot, reduce
 from vfmig.journal import codec
@@ -18,7 +19,6 @@ from vfmig.journal.codec import (
     ClosedRecord,
     DataRecord,
     EventRecord,
-    JournalError,
     SnapshotRecord,
 )
 from vfmig.journal.reader import JournalReader

@@ -8,9 +8,10 @@ import pytest
 import trio
 
 from vfmig.core import events as ev
+from vfmig.core.errors import JournalError
 from vfmig.core.model import source
 from vfmig.engine.bus import EventBus, Lossless, Ring
-from vfmig.journal.codec import ClosedRecord, EventRecord, JournalError
+from vfmig.journal.codec import ClosedRecord, EventRecord
 from vfmig.journal.reader import JournalReader
 from vfmig.journal.recorder import record
 from vfmig.journal.writer import JournalWriter

@@ -13,9 +13,10 @@ import pytest
 import trio
 
 from vfmig.core import events as ev
+from vfmig.core.errors import JournalError
 from vfmig.core.model import destination
 from vfmig.journal import runs, synthetic
-from vfmig.journal.codec import EventRecord, JournalError, JournalHeader
+from vfmig.journal.codec import EventRecord, JournalHeader
 from vfmig.journal.merge import AgentSide, merge_run
 from vfmig.journal.reader import JournalReader
 from vfmig.journal.runs import RunJournals

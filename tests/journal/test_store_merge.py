@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from vfmig.core import events as ev
+from vfmig.core.errors import JournalError
 from vfmig.core.model import Role
 from vfmig.journal import synthetic
-from vfmig.journal.codec import EventRecord, JournalError
+from vfmig.journal.codec import EventRecord
 from vfmig.journal.merge import merge
 from vfmig.journal.reader import JournalReader
 from vfmig.journal.store import DEFAULT_KEEP, ROOT_DIR, JournalStore, default_dir

@@ -17,14 +17,13 @@ from typing import IO, TYPE_CHECKING, Any
 
 from vfmig.cli.agent_client import add_link_arguments
 from vfmig.core.diagnose import Diagnoser
-from vfmig.core.errors import ExitStatus, UsageError
+from vfmig.core.errors import ExitStatus, JournalError, UsageError
 from vfmig.core.events import Event, Summary, to_record
 from vfmig.core.view import format_bytes
 from vfmig.journal.codec import (
     ClosedRecord,
     DataRecord,
     EventRecord,
-    JournalError,
     JournalHeader,
     SnapshotRecord,
 )

@@ -31,9 +31,8 @@ from vfmig.cli.agent_client import (
     connect,
     interrupts,
 )
-from vfmig.core.errors import ExitStatus, PeerError, UsageError, VfmigError
-from vfmig.journal.codec import JournalError
-from vfmig.journal.reader import JournalReader
+from vfmig.core.errors import ExitStatus, JournalError, PeerError, UsageError, VfmigError
+from vfmig.journal import parts
 from vfmig.journal.store import JournalStore
 
 if TYPE_CHECKING:
@@ -118,9 +117,12 @@ def copy_journal(
     output: Path | None,
     store: JournalStore,
     interrupted: list[str],
+    *,
+    check: bool = True,
 ) -> tuple[Path, dict[str, Any]]:
     """Copy ``role``'s journal of ``run_id`` over ``client``'s link to ``output``, or into
-    ``store`` under the agent's name for it; where it is and what it holds."""
+    ``store`` under the agent's name for it; where it is and what it holds (with ``check``,
+    once read through as a journal of ``run_id``; without, its size only)."""
     params: dict[str, Any] = {"run": run_id, "offset": 0, "role": role}
     first = part = _ask(client, params, interrupted)
     target = output if output is not None else store.place(first.name)
@@ -146,22 +148,20 @@ def copy_journal(
         os.fsync(out.fileno())
         if params["offset"] != first.size:
             raise PeerError(client.peer, f"got {params['offset']} bytes of {first.size}")
-        info = _check(staged, run_id)
+        info = _check(staged, run_id) if check else {"bytes": first.size}
         os.replace(staged, target)
     return target, {"run": run_id, "role": role, "name": first.name, **info}
 
 
-def _ask(client: AgentClient, params: dict[str, Any], interrupted: list[str]) -> Any:
-    from vfmig.engine import wire
-
+def _ask(client: AgentClient, params: dict[str, Any], interrupted: list[str]) -> parts.Part:
     try:
         value = client.call("fetch_journal", params, interrupted)
     except RequestFailed as exc:
         status = _EXIT.get(exc.code, ExitStatus.FAILED)
         raise FetchRefused(f"{client.peer}: {exc.message}", status, _HINTS.get(exc.code)) from None
     try:
-        return wire.parse_journal_part(value)
-    except wire.WireError:
+        return parts.from_wire(value)
+    except parts.PartError:
         raise PeerError(
             client.peer, "the answer is not a journal's part (another version?)"
         ) from None
@@ -187,6 +187,8 @@ def _staged(target: Path) -> Iterator[tuple[Path, IO[bytes]]]:
 
 def _check(path: Path, run_id: str) -> dict[str, Any]:
     """What the journal at ``path`` holds; JournalError unless it is one of ``run_id``."""
+    from vfmig.journal.reader import JournalReader
+
     try:
         with JournalReader(path) as reader:
             for _ in reader.entries():

@@ -21,9 +21,13 @@ agent's journal is fetched and merged in (:mod:`vfmig.journal.collect`): the run
 becomes one timeline on this host's clock, the agents' own records in place of the
 copies, and the streams they captured with them.
 
-With ``--via HOST:PORT`` the agent there (``vfmig agent --orchestrate``) runs all of this
-and the command is its thin client (:mod:`vfmig.cli.via`, ADR 0010): it imports neither
-trio nor the engine, and the run's journal stays on the agent's host.
+When every device is on an agent, the first source's agent is asked to run all of this
+(``--via HOST:PORT`` names another); one started with ``--orchestrate`` does, and the
+command is its thin client (:mod:`vfmig.cli.via`, ADR 0010): it imports neither trio nor
+the engine, and copies the run's journal here once the agent has merged it. An agent that
+does not orchestrate answers ``unknown_method``, and the command runs the migration itself
+(so does ``--no-via``). Not when some devices' agents are on loopback and others are not:
+the hosting agent reaches each one at the address given, which must mean the same there.
 
 This module starts fast: trio and the engine are imported only when the command runs, and
 textual never.
@@ -128,11 +132,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="N",
         help="the journal store keeps the newest N journals (default 20)",
     )
-    parser.add_argument(
+    hosting = parser.add_mutually_exclusive_group()
+    hosting.add_argument(
         "--via",
         metavar="HOST:PORT",
         help="have the agent there run the migration (vfmig agent --orchestrate): this "
-        "command then only asks and shows; every device must be on an agent",
+        "command then only asks, shows and copies the journal; every device must be on an "
+        "agent (default: the first source's agent when it orchestrates)",
+    )
+    hosting.add_argument(
+        "--no-via",
+        action="store_true",
+        help="run the migration in this command even when the source's agent would",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON envelope")
     parser.set_defaults(run=run)
@@ -206,14 +217,18 @@ def run(args: argparse.Namespace, env: Environment) -> int:
     tls = client_tls(args)
     if args.journal is not None and args.keep_journals is not None:
         raise UsageError("--keep-journals is for the journal store: not with --journal PATH")
+    if args.journal is not None and args.journal.exists():  # checked again at creation
+        raise UsageError(f"{args.journal} exists: journals are never overwritten")
     journal: list[str] = []  # the run's journal, once created
     try:
-        if args.via is not None:
-            result, summary = _via(args, env, pairs, options, key, tls, journal)
-        else:
+        result_summary = None
+        host = args.via or hosting_agent(pairs, args.no_via)
+        if host is not None:
+            result_summary = _via(args, env, host, pairs, options, key, tls, journal)
+        if result_summary is None:
             import trio
 
-            result, summary = trio.run(_migrate, args, env, pairs, options, key, tls, journal)
+            result_summary = trio.run(_migrate, args, env, pairs, options, key, tls, journal)
     except VfmigError as exc:
         if not args.json:
             raise
@@ -222,20 +237,47 @@ def run(args: argparse.Namespace, env: Environment) -> int:
             error["journal"] = journal[0]
         env.emit_json("migrate", None, error=error)
         return int(exc.exit_status)
-    return _finish(env, result, summary, args)
+    return _finish(env, *result_summary, args)
+
+
+def hosting_agent(pairs: list[tuple[DeviceSpec, DeviceSpec]], refused: bool) -> str | None:
+    """The agent to ask to host the run (the first source's), when it can: every device is
+    on an agent, and their addresses mean the same on that agent's host as here (all on
+    loopback, or none); None if ``refused`` (--no-via)."""
+    addresses = [spec.address for pair in pairs for spec in pair]
+    if refused or None in addresses:
+        return None
+    local = {_loopback(address) for address in addresses if address is not None}
+    return pairs[0][0].address if len(local) == 1 else None
+
+
+def _loopback(address: str) -> bool:
+    import ipaddress
+
+    from vfmig.core.spec import split_address
+
+    host = split_address(address)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: the same on every host
 
 
 def _via(
     args: argparse.Namespace,
     env: Environment,
+    host: str,
     pairs: list[tuple[DeviceSpec, DeviceSpec]],
     options: RunOptions,
     key: bytes | None,
     tls: ssl.SSLContext | None,
     journal: list[str],
-) -> tuple[dict[str, Any], Callable[[], None] | None]:
-    """The run, hosted by the agent at ``--via`` (:mod:`vfmig.cli.via`)."""
-    from vfmig.cli.via import HostedRunError, run_via
+) -> tuple[dict[str, Any], Callable[[], None] | None] | None:
+    """The run, hosted by the agent at ``host`` (:mod:`vfmig.cli.via`): asked with
+    ``--via``, or else probed (None: it will not host it)."""
+    from vfmig.cli.via import HostedRunError, NoHost, run_via
 
     here = [str(spec) for pair in pairs for spec in pair if not spec.remote]
     if here:
@@ -243,14 +285,22 @@ def _via(
             f"--via runs the migration on an agent: every device needs its @HOST:PORT "
             f"({here[0]} has none)"
         )
-    if args.journal is not None or args.keep_journals is not None:
-        raise UsageError(
-            "a run an agent hosts is journaled on the agent's host: neither --journal nor "
-            "--keep-journals goes with --via (the agent's --journal-dir and --keep-journals do)"
-        )
     assert key is not None  # remote devices need it
     try:
-        return run_via(args.via, env, args.devices, options, key=key, tls=tls, json=args.json)
+        return run_via(
+            host,
+            env,
+            args.devices,
+            options,
+            key=key,
+            tls=tls,
+            json=args.json,
+            journal=args.journal,
+            keep=args.keep_journals,
+            probe=args.via is None,
+        )
+    except NoHost:
+        return None
     except HostedRunError as exc:
         if exc.journal is not None:
             journal.append(exc.journal)

@@ -43,6 +43,7 @@ from vfmig.core import events as ev
 from vfmig.core.errors import (
     DeviceError,
     ExitStatus,
+    JournalError,
     StateChangeError,
     UsageError,
     VfmigError,
@@ -52,7 +53,7 @@ from vfmig.core.model import CAUSES, Cause, DeviceId, Outcome, Phase, Role, dest
 from vfmig.core.spec import parse_spec
 from vfmig.core.view import RunView, format_bytes, format_ns, reduce, timeline
 from vfmig.device.recovery import Method, Step, recover
-from vfmig.journal.codec import DataRecord, DeviceInfo, EventRecord, JournalError, JournalHeader
+from vfmig.journal.codec import DataRecord, DeviceInfo, EventRecord, JournalHeader
 from vfmig.journal.reader import JournalReader
 from vfmig.journal.store import JournalStore
 from vfmig.journal.writer import JournalWriter

@@ -21,6 +21,7 @@ run the same way (the commit, once passed, is finished).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 from vfmig.cli.agent_client import AgentClient, connect, interrupts, never
@@ -30,11 +31,13 @@ from vfmig.protocol import ErrorResponse, Notification, Response
 if TYPE_CHECKING:
     import ssl
     from collections.abc import Callable
+    from pathlib import Path
 
     from vfmig.cli.context import Environment
     from vfmig.cli.progress import ProgressDisplay
     from vfmig.core.options import RunOptions
     from vfmig.protocol import Value
+
 #: ErrorResponse codes -> exit status (anything else: FAILED). An agent that does not
 #: orchestrate (or predates hosted runs) answers unknown_method.
 _EXIT: Final = {
@@ -61,6 +64,12 @@ class RunRefused(VfmigError):
         self.exit_status = status
 
 
+class NoHost(Exception):
+    """A probe found no agent to host the run: it does not orchestrate, or could not be
+    reached or authenticated before it took the request (``vfmig migrate`` then runs the
+    migration itself, and reports any failure as it does)."""
+
+
 def run_via(
     address: str,
     env: Environment,
@@ -70,37 +79,107 @@ def run_via(
     key: bytes,
     tls: ssl.SSLContext | None,
     json: bool,
+    journal: Path | None,
+    keep: int | None,
+    probe: bool = False,
 ) -> tuple[dict[str, Any], Callable[[], None] | None]:
     """Have the agent at ``address`` run the migration of ``devices`` (SRC DST ..., each on
-    an agent); returns the answer's result and what prints the summary (None if nothing
-    was shown), as ``vfmig migrate`` ends every run."""
+    an agent), then copy the run's journal here (to ``journal``, or the store that keeps
+    ``keep``); returns the answer's result and what prints the summary (None if nothing
+    was shown), as ``vfmig migrate`` ends every run. With ``probe``, an agent that does not
+    take the request raises :class:`NoHost`."""
     peer = f"agent {address}"
     hint = f"check that the agent runs there (vfmig agent --listen {address} --orchestrate)"
-    with interrupts() as interrupted, connect(address, tls, hint=hint) as sock:
-        client = AgentClient(sock, peer, key, name="vfmig migrate --via", lost_hint=_LOST_HINT)
-        client.handshake(interrupted)
-        params: dict[str, Value] = {
-            "devices": list(devices),
-            "options": options.to_wire(),
-            "progress": not json,
-        }
-        migrate = client.request("migrate", params)
-        shown = _Display(env, devices) if not json else None
-        aborting = False
-        while True:
-            if interrupted and not aborting:
-                aborting = True
-                name = interrupted[0]
-                print(f"vfmig: {name}: rolling the run back (the agent does it)", file=env.stderr)
-                client.request("abort", {"signal": name})
-            wake = never if aborting else lambda: bool(interrupted)
-            for event in client.receive(wake=wake):  # in order: an answer before a Goodbye
-                if isinstance(event, Notification) and shown is not None:
-                    shown.handle(event.payload)
-                elif isinstance(event, Response | ErrorResponse) and event.id == migrate:
-                    client.close()
-                    return _answer(event, shown, peer)
-                client.check(event)
+    sent = False
+    try:
+        with interrupts() as interrupted, connect(address, tls, hint=hint) as sock:
+            client = AgentClient(sock, peer, key, name="vfmig migrate", lost_hint=_LOST_HINT)
+            client.handshake(interrupted)
+            params: dict[str, Value] = {
+                "devices": list(devices),
+                "options": options.to_wire(),
+                "progress": not json,
+            }
+            migrate = client.request("migrate", params)
+            sent = True
+            shown = _Display(env, devices) if not json else None
+            answer = _wait(client, migrate, env, shown, interrupted)
+            if probe and isinstance(answer, ErrorResponse) and answer.code == "unknown_method":
+                raise NoHost
+            copy = partial(_copy_journal, client, env, journal, keep, interrupted)
+            try:
+                result, closer = _answer(answer, shown, peer)
+            except HostedRunError as exc:
+                if exc.run is not None and exc.journal is not None:
+                    exc.journal = copy(exc.run) or exc.journal
+                raise
+            copied = copy(result["run"])
+            if copied is not None:
+                result["journal"] = copied
+                result.pop("journal_host", None)
+            client.close()
+            return result, closer
+    except PeerError:
+        if probe and not sent:
+            raise NoHost from None
+        raise
+
+
+def _wait(
+    client: AgentClient,
+    migrate: int,
+    env: Environment,
+    shown: _Display | None,
+    interrupted: list[str],
+) -> Response | ErrorResponse:
+    """The answer to the ``migrate`` request, the run's events shown meanwhile; the first
+    interrupt asks the agent to roll the run back."""
+    aborting = False
+    while True:
+        if interrupted and not aborting:
+            aborting = True
+            name = interrupted[0]
+            print(f"vfmig: {name}: rolling the run back (the agent does it)", file=env.stderr)
+            client.request("abort", {"signal": name})
+        wake = never if aborting else lambda: bool(interrupted)
+        for event in client.receive(wake=wake):  # in order: an answer before a Goodbye
+            if isinstance(event, Notification) and shown is not None:
+                shown.handle(event.payload)
+            elif isinstance(event, Response | ErrorResponse) and event.id == migrate:
+                return event
+            client.check(event)
+
+
+def _copy_journal(
+    client: AgentClient,
+    env: Environment,
+    journal: Path | None,
+    keep: int | None,
+    interrupted: list[str],
+    run_id: str,
+) -> str | None:
+    """Copy the hosted run's journal here (``journal``, or the store): its path, or None
+    with a warning if it stays on the agent's host. The copy is not read through: the agent
+    that ran the run wrote it, and the link authenticates every byte (reading it would
+    load the journal's codec, ~50 ms of a short run)."""
+    from vfmig.cli.journal_fetch import copy_journal
+    from vfmig.journal.store import DEFAULT_KEEP, JournalStore
+
+    interrupted.clear()  # the signal that stopped the run does not stop the copy
+    store = JournalStore(keep=keep or DEFAULT_KEEP)
+    try:
+        path, _ = copy_journal(
+            client, run_id, "orchestrator", journal, store, interrupted, check=False
+        )
+        if journal is None:
+            store.rotate()
+    except (VfmigError, KeyboardInterrupt) as exc:
+        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        print(
+            f"vfmig: warning: the run's journal stays on the agent's host: {why}", file=env.stderr
+        )
+        return None
+    return str(path)
 
 
 def _answer(
@@ -135,10 +214,11 @@ class HostedRunError(VfmigError):
         self.exit_status = ExitStatus.FAILED
         if isinstance(status, int) and status in set(ExitStatus):
             self.exit_status = ExitStatus(status)
-        journal, host = error.get("journal"), error.get("journal_host")
-        self.journal: str | None = None
+        journal, host, run = error.get("journal"), error.get("journal_host"), error.get("run")
+        self.journal: str | None = None  #: where the run's journal is (here, once copied)
         if isinstance(journal, str) and isinstance(host, str):
             self.journal = f"{host}:{journal}"
+        self.run = run if isinstance(run, str) else None
 
 
 class _Display:

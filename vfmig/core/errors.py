@@ -58,6 +58,10 @@ class SpecError(UsageError):
     """A device spec that does not parse; the message names the offending part."""
 
 
+class JournalError(VfmigError):
+    """A journal that cannot be read or written (the message names the file)."""
+
+
 class PeerError(VfmigError):
     """A peer could not be reached, authenticated or understood, or its link broke."""
 

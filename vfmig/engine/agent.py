@@ -111,6 +111,7 @@ from vfmig.engine.ledger import LedgerDevice, public_spec
 from vfmig.engine.link import INPROC, Link, LinkClosed, connect, protocol_config, with_link
 from vfmig.engine.wire import Code, Fact, FactKind, Progress, Verdict
 from vfmig.engine.worker import ENCODERS, DeviceWorker, ReadResult, thread_executor
+from vfmig.journal import parts
 from vfmig.protocol import (
     AbortStream,
     Connection,
@@ -797,8 +798,7 @@ class Agent:
         if journal is None:
             raise _AgentError(Code.FAILED, "this agent keeps no journal (vfmig agent --no-journal)")
         path = await journal.closed(run_id)  # a JournalError is answered as failed
-        part = await trio.to_thread.run_sync(_read_journal, path, offset)
-        return wire.journal_result(part)
+        return parts.to_wire(await trio.to_thread.run_sync(_read_journal, path, offset))
 
     async def _fetch_journal(self, params: dict[str, Value]) -> Value:
         """Bytes of a finished journal of this agent's store, from ``offset``: the
@@ -829,8 +829,7 @@ class Agent:
             raise _AgentError(
                 Code.NOT_FOUND, f"no {role} journal of run {run_id} in {store.directory}"
             )
-        part = await trio.to_thread.run_sync(_read_journal, path, offset)
-        return wire.journal_result(part)
+        return parts.to_wire(await trio.to_thread.run_sync(_read_journal, path, offset))
 
     def _status(self, params: dict[str, Value]) -> Value:
         devices: list[Value] = [
@@ -1232,24 +1231,14 @@ _FETCHED_ROLES: Final = ("orchestrator", "agent")
 _RUN_ID: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
-def _read_journal(path: Path, offset: int) -> wire.JournalPart:
-    """Up to JOURNAL_PIECES pieces of ``path`` from ``offset`` (runs in a thread)."""
+def _read_journal(path: Path, offset: int) -> parts.Part:
+    """A part of the journal at ``path`` from ``offset`` (runs in a thread)."""
     try:
-        with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if not 0 <= offset <= size:
-                raise _AgentError(Code.BAD_PARAMS, f"offset {offset} is outside 0..{size}")
-            f.seek(offset)
-            pieces = []
-            for _ in range(wire.JOURNAL_PIECES):
-                piece = f.read(wire.JOURNAL_PIECE)
-                if not piece:
-                    break
-                pieces.append(piece)
-                offset += len(piece)
+        return parts.read(path, offset)
+    except ValueError as exc:
+        raise _AgentError(Code.BAD_PARAMS, str(exc)) from None
     except OSError as exc:
         raise _AgentError(Code.FAILED, f"cannot read {path.name}: {exc.strerror}") from None
-    return wire.JournalPart(pieces=pieces, size=size, done=offset >= size, name=path.name)
 
 
 async def _state_name(worker: DeviceWorker) -> str:

@@ -207,6 +207,7 @@ class HostedRuns:
         except VfmigError as exc:
             agent.log(f"run {run_id}: {exc.message}")
             error: dict[str, Value] = {
+                "run": run_id,
                 "message": exc.message,
                 "hint": exc.hint,
                 "exit_status": int(exc.exit_status),

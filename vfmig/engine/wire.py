@@ -260,41 +260,6 @@ def parse_precopy(value: Value) -> tuple[int, int, bool]:
     return _get(value, "initial", int), _get(value, "dirty", int), _get(value, "reinit", bool)
 
 
-#: A ``journal`` answer carries its bytes as pieces of at most the protocol's max_bin_len
-#: (64 KiB), and at most JOURNAL_PIECES of them: 960 KiB, within a 1 MiB control frame.
-JOURNAL_PIECE = 64 << 10
-JOURNAL_PIECES = 15
-
-
-@dataclass(frozen=True, slots=True)
-class JournalPart:
-    """Bytes of an agent's journal of a run from the requested offset; ``size`` is the
-    whole (closed) file's, ``done`` says these bytes reach its end, ``name`` is the file's
-    name on the agent's host."""
-
-    pieces: list[bytes]
-    size: int
-    done: bool
-    name: str
-
-
-def journal_result(part: JournalPart) -> dict[str, Value]:
-    pieces: list[Value] = list(part.pieces)
-    return {"data": pieces, "size": part.size, "done": part.done, "name": part.name}
-
-
-def parse_journal_part(value: Value) -> JournalPart:
-    pieces = _get(value, "data", list)
-    if not all(isinstance(p, bytes) for p in pieces):
-        raise WireError("a journal piece is not bytes")
-    return JournalPart(
-        pieces=pieces,
-        size=_get(value, "size", int),
-        done=_get(value, "done", bool),
-        name=_get(value, "name", str),
-    )
-
-
 def parse_verdict(value: Value, run: str) -> Verdict:
     runs = _get(value, "runs", dict)
     entry = runs.get(run)

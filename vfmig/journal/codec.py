@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Final
 import msgpack
 import zstandard
 
-from vfmig.core.errors import VfmigError
+from vfmig.core.errors import JournalError
 from vfmig.core.events import Event, RecordError, from_record, to_record
 from vfmig.core.fsm import MigrationFlags
 from vfmig.core.model import DeviceId
@@ -73,10 +73,6 @@ MAX_DATA_RECORD: Final = 1 << 20
 
 
 _NO_FLAGS: Final = MigrationFlags(0)
-
-
-class JournalError(VfmigError):
-    """A journal that cannot be read or written (the message names the file)."""
 
 
 class Kind(enum.IntEnum):

@@ -32,10 +32,9 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from vfmig.core.errors import PeerError
-from vfmig.engine import wire
+from vfmig.core.errors import JournalError, PeerError
 from vfmig.engine.link import RpcError
-from vfmig.journal.codec import JournalError
+from vfmig.journal import parts
 from vfmig.journal.merge import AgentSide, merge_run
 
 if TYPE_CHECKING:
@@ -139,8 +138,8 @@ async def fetch(link: Link, run_id: str, path: Path) -> str:
             with trio.fail_after(FETCH_TIMEOUT):
                 answer = await link.request("journal", {"run": run_id, "offset": offset})
             try:
-                part = wire.parse_journal_part(answer)
-            except wire.WireError as exc:
+                part = parts.from_wire(answer)
+            except parts.PartError as exc:
                 raise JournalError(f"the agent's journal answer is malformed: {exc}") from None
             await trio.to_thread.run_sync(_write, out, part.pieces)
             offset += sum(len(p) for p in part.pieces)

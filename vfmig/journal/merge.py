@@ -46,12 +46,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from vfmig import __version__
+from vfmig.core.errors import JournalError
 from vfmig.core.events import ChunkReceived, ChunkSent, StreamStarted
 from vfmig.core.model import Role
 from vfmig.journal.codec import (
     DataRecord,
     EventRecord,
-    JournalError,
     JournalHeader,
 )
 from vfmig.journal.reader import Damage, JournalReader

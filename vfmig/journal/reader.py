@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Self
 
+from vfmig.core.errors import JournalError
 from vfmig.core.events import RecordError
 from vfmig.journal import codec
 from vfmig.journal.codec import (
@@ -36,7 +37,6 @@ from vfmig.journal.codec import (
     Entry,
     FrameDamage,
     FrameHeader,
-    JournalError,
     JournalHeader,
 )
 

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+from vfmig.core.errors import JournalError
 from vfmig.engine.bus import Record
-from vfmig.journal.codec import JournalError
 from vfmig.journal.writer import DURABLE
 
 if TYPE_CHECKING:

@@ -41,9 +41,10 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from vfmig import __version__
+from vfmig.core.errors import JournalError
 from vfmig.core.model import source
 from vfmig.engine.bus import Record
-from vfmig.journal.codec import DeviceInfo, JournalError, JournalHeader
+from vfmig.journal.codec import DeviceInfo, JournalHeader
 from vfmig.journal.recorder import (
     BATCH_INTERVAL,
     BATCH_RECORDS,

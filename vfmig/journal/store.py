@@ -25,13 +25,13 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from vfmig.journal.codec import JournalError
-from vfmig.journal.writer import JournalWriter
+from vfmig.core.errors import JournalError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from vfmig.journal.codec import JournalHeader
+    from vfmig.journal.writer import JournalWriter
 
 DEFAULT_KEEP: Final = 20
 SUFFIX: Final = ".vfj"
@@ -127,6 +127,8 @@ class JournalStore:
 
     def create(self, header: JournalHeader, **options: Any) -> JournalWriter:
         """A writer of a new journal in the store (mode 0600); older ones beyond keep go."""
+        from vfmig.journal.writer import JournalWriter  # the store alone is light to import
+
         self._ensure()
         writer = JournalWriter.create(self.directory / journal_name(header), header, **options)
         self.rotate()

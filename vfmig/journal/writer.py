@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Self
 
+from vfmig.core.errors import JournalError
 from vfmig.core.events import (
     CommitPointPassed,
     ErrorRaised,
@@ -50,7 +51,7 @@ from vfmig.core.events import (
 )
 from vfmig.core.view import RunView, reduce, to_snapshot
 from vfmig.journal import codec
-from vfmig.journal.codec import FRAME_SNAPSHOT, MAX_DATA_RECORD, JournalError, Kind
+from vfmig.journal.codec import FRAME_SNAPSHOT, MAX_DATA_RECORD, Kind
 
 if TYPE_CHECKING:
     from collections.abc import Callable
