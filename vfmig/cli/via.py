@@ -105,6 +105,7 @@ def run_via(
             shown = _Display(env, devices) if not json else None
             answer = _wait(client, migrate, env, shown, interrupted)
             if probe and isinstance(answer, ErrorResponse) and answer.code == "unknown_method":
+                client.close()
                 raise NoHost
             copy = partial(_copy_journal, client, env, journal, keep, interrupted)
             try:
