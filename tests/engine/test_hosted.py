@@ -140,6 +140,7 @@ def test_the_sources_agent_hosts_the_run_when_it_orchestrates(
     assert result.status == 0, result.stderr
     assert "completed: 1 pair migrated" in result.stdout
     assert b_sims.dump("b") == a_sims.image("a")
+    assert (f"hosted by the agent at {a.address}" in result.stdout) == hosted
     a.stop()
     assert len([line for line in a.log if "for client" in line]) == hosted
     info = json.loads(run_cli("journal", "info", "--json", "@last").stdout)["result"]

@@ -335,18 +335,21 @@ def _finish(
         if summary is not None:
             summary()
         _print_errors(env, result)
-        host = result.get("journal_host")  # a run an agent hosted: on that agent's host
+        if "hosted_by" in result:
+            env.print(f"hosted by the agent at {result['hosted_by']}")
+        host = result.get("journal_host")  # left on the hosting agent's host
         env.print(f"journal: {f'{host}:' if host else ''}{result['journal']}")
         if host is not None and host != socket.gethostname():
-            env.print(f"  copy it here: {_fetch_command(args, result['run'])}")
+            env.print(f"  copy it here: {_fetch_command(args, result)}")
     return int(result["exit_status"])
 
 
-def _fetch_command(args: argparse.Namespace, run_id: str) -> str:
-    """The ``vfmig journal fetch`` that copies the journal of the run ``--via`` hosted."""
+def _fetch_command(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    """The ``vfmig journal fetch`` that copies the journal of a run an agent hosted."""
     import shlex
 
-    words = ["vfmig", "journal", "fetch", args.via, run_id, "--key-file", str(args.key_file)]
+    words = ["vfmig", "journal", "fetch", result["hosted_by"], result["run"]]
+    words += ["--key-file", str(args.key_file)]
     for option in ("tls_cert", "tls_key", "tls_ca"):
         if getattr(args, option) is not None:
             words += [f"--{option.replace('_', '-')}", str(getattr(args, option))]

@@ -114,6 +114,7 @@ def run_via(
                 if exc.run is not None and exc.journal is not None:
                     exc.journal = copy(exc.run) or exc.journal
                 raise
+            result["hosted_by"] = address
             copied = copy(result["run"])
             if copied is not None:
                 result["journal"] = copied
