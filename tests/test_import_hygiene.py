@@ -112,35 +112,32 @@ def test_a_command_loads_only_its_own_module(tmp_path: object) -> None:
     assert not heavy, f"vfmig fsm loaded {heavy}"
 
 
-def test_a_thin_migrate_client_loads_no_trio_and_no_engine(tmp_path: object) -> None:
-    """``vfmig migrate --via`` (ADR 0010) is a blocking client of the protocol: its start-up
-    is what a short migration pays for, so trio, the engine and rich stay out."""
-    argv = ["migrate", "--via", "127.0.0.1:1", "--key-file", "k", "--json"]
-    argv += ["sim:a@127.0.0.1:1", "sim:b@127.0.0.1:2"]
+@pytest.mark.parametrize(
+    ("argv", "forbidden"),
+    [
+        (
+            ["migrate", "--via", "127.0.0.1:1", "sim:a@127.0.0.1:1", "sim:b@127.0.0.1:2"],
+            ("trio", "rich", "zstandard", "vfmig.journal"),
+        ),
+        (["journal", "fetch", "127.0.0.1:1", "r1"], ("trio", "rich", "textual")),
+    ],
+    ids=["migrate-via", "journal-fetch"],
+)
+def test_a_blocking_client_of_an_agent_loads_no_trio_and_no_engine(
+    tmp_path: object, argv: list[str], forbidden: tuple[str, ...]
+) -> None:
+    """``vfmig migrate --via`` (ADR 0010) and ``vfmig journal fetch`` are blocking clients of
+    the protocol (:mod:`vfmig.cli.agent_client`): their start-up is what a short migration
+    pays for, so trio, the engine and rich stay out (the fetch reads journals: their codec
+    is in)."""
     setup = "from vfmig.engine.keys import create_key; create_key(pathlib.Path('k'))"
-    status, loaded = run_command(argv, tmp_path, setup=setup)
+    status, loaded = run_command([*argv, "--key-file", "k", "--json"], tmp_path, setup=setup)
     assert status == "4"  # nobody listens there: the client got as far as connecting
     heavy = [
         m
         for m in loaded
-        if m.split(".")[0] in ("trio", "rich", "zstandard")
+        if m.split(".")[0] in forbidden
+        or any(m.startswith(f"{f}.") for f in forbidden)
         or (m.startswith("vfmig.engine.") and m != "vfmig.engine.keys")
-        or m.startswith("vfmig.journal")
     ]
-    assert not heavy, f"vfmig migrate --via loaded {heavy}"
-
-
-def test_journal_fetch_loads_no_trio_and_no_engine(tmp_path: object) -> None:
-    """``vfmig journal fetch`` is a blocking client too (:mod:`vfmig.cli.agent_client`); it
-    reads journals, so their codec (zstandard) is in."""
-    argv = ["journal", "fetch", "127.0.0.1:1", "r1", "--key-file", "k", "--json"]
-    setup = "from vfmig.engine.keys import create_key; create_key(pathlib.Path('k'))"
-    status, loaded = run_command(argv, tmp_path, setup=setup)
-    assert status == "4"  # nobody listens there: the client got as far as connecting
-    heavy = [
-        m
-        for m in loaded
-        if m.split(".")[0] in ("trio", "rich", "textual")
-        or (m.startswith("vfmig.engine.") and m not in ("vfmig.engine.keys", "vfmig.engine.wire"))
-    ]
-    assert not heavy, f"vfmig journal fetch loaded {heavy}"
+    assert not heavy, f"vfmig {argv[0]} loaded {heavy}"

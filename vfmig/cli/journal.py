@@ -223,7 +223,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="copy a finished journal from an agent's host",
         description="Copy the journal of run RUN from the agent at AGENT (HOST:PORT) into "
         "the journal store, under the agent's name for it, or to -o PATH: the journal of a "
-        "run the agent hosted (vfmig migrate --via; merged), or with --role agent the "
+        "run the agent hosted (for vfmig migrate; merged), or with --role agent the "
         "agent's own side of a run. The copy is checked before it takes its place.",
     )
     fetch.add_argument("agent", metavar="AGENT", help="the agent's HOST:PORT")
