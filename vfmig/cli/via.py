@@ -1,15 +1,22 @@
-"""``vfmig migrate --via HOST:PORT``: the thin client of a run an agent hosts (ADR 0010).
+"""The thin ``vfmig migrate``: a client of the run an agent hosts (ADR 0010).
 
 Theory of operation
 -------------------
-The command asks the agent at ``--via`` (started with ``--orchestrate``) to run the
-migration, and waits for the answer; the agent drives the very run ``vfmig migrate``
-drives in its own process (:mod:`vfmig.engine.hosted`). This side imports neither trio
-nor the engine -- the start-up a short migration otherwise pays for before its first
-byte: a blocking control link (:mod:`vfmig.cli.agent_client`) carries the ``migrate``
-request, the run's events as they come (the progress display on a terminal, periodic
-lines otherwise, nothing with ``--json``: then the events are not even asked for), and the
-answer.
+When every device is on an agent, ``vfmig migrate`` asks one agent (the first source's, or
+the one ``--via`` names) to run the migration, and waits for the answer; the agent drives
+the very run ``vfmig migrate`` drives in its own process (:mod:`vfmig.engine.hosted`).
+This side imports neither trio nor the engine -- the start-up a short migration otherwise
+pays for before its first byte: a blocking control link (:mod:`vfmig.cli.agent_client`)
+carries the ``migrate`` request, the run's events as they come (the progress display on a
+terminal, periodic lines otherwise, nothing with ``--json``: then the events are not even
+asked for), and the answer. Asked without ``--via`` (a *probe*), an agent that does not
+orchestrate answers ``unknown_method``, and any failure before it took the request is
+:class:`NoHost`: the command then runs the migration itself.
+
+Once the answer is in, the run's journal is copied on the same link (``fetch_journal``:
+the agent answers once it has merged the agents' journals into it) into ``--journal`` or
+this host's store, so the run's journal is where a run in the command would have put it.
+A copy that fails leaves it on the agent's host, with a warning; the outcome stands.
 
 Signals: SIGINT and SIGTERM only note their name (the wait for the agent looks every
 0.1 s), so a frame is never cut in half; the loop then sends ``abort`` and goes on waiting
