@@ -8,6 +8,7 @@ run in this process over loopback TCP (one test uses agent processes and a signa
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import signal
 import socket
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 import trio
 
+from vfmig.cli.context import Environment
 from vfmig.core.errors import PeerError
 from vfmig.core.events import PhaseChanged
 from vfmig.core.fsm import DeviceState
@@ -111,12 +113,6 @@ async def test_an_agent_without_orchestrate_refuses_the_run(
     assert (remote_sims.state("a"), b_sims.state("b")) == (None, None)
 
 
-async def migrate(key_file: Path, *argv: str) -> Any:
-    """``vfmig migrate --key-file KEY ARGV`` (no --via) in a worker thread."""
-    command = ["migrate", "--key-file", str(key_file), *argv]
-    return await trio.to_thread.run_sync(lambda: run_cli(*command))
-
-
 @pytest.mark.parametrize(
     ("orchestrate", "argv", "hosted"),
     [(True, [], True), (False, [], False), (True, ["--no-via"], False)],
@@ -150,20 +146,56 @@ def test_the_sources_agent_hosts_the_run_when_it_orchestrates(
     assert "warning" not in result.stderr
 
 
-def test_who_hosts_a_run() -> None:
-    """The first source's agent, when every address means the same on its host as here."""
+def test_who_is_asked_to_host_a_run() -> None:
     from vfmig.cli.migrate import hosting_agent, pairs_of
 
     def host(*specs: str, refused: bool = False) -> str | None:
         return hosting_agent(pairs_of(list(specs)), refused)
 
-    assert host("sim:a@127.0.0.1:1", "sim:b@localhost:2") == "127.0.0.1:1"
-    assert host("sim:a@[::1]:1", "sim:b@127.0.0.2:2") == "[::1]:1"
-    assert host("sim:a@h1:1", "sim:b@10.0.0.2:2", "sim:c@h3:3", "sim:d@h1:1") == "h1:1"
-    assert host("sim:a@127.0.0.1:1", "sim:b@h2:2") is None  # loopback where?
-    assert host("sim:a@h1:1", "sim:b@127.0.0.1:2") is None
+    assert host("sim:a@127.0.0.1:1", "sim:b@h2:2", "sim:c@h3:3", "sim:d@h1:1") == "127.0.0.1:1"
     assert host("sim:a@h1:1", "sim:b") is None  # a device of this command
     assert host("sim:a@h1:1", "sim:b@h2:2", refused=True) is None
+
+
+@pytest.mark.parametrize(
+    ("orchestrate", "machine", "hosted"),
+    [(True, "here", True), (True, "elsewhere", False), (True, None, False), (False, "here", False)],
+    ids=["orchestrates-here", "another-machine", "no-machine-id", "does-not-orchestrate"],
+)
+async def test_only_an_agent_of_this_machine_that_orchestrates_hosts_by_default(
+    cluster, remote_sims, b_sims, key_file, tmp_path, orchestrate, machine, hosted
+) -> None:
+    """A port forwarded to another host's agent looks like loopback here: the devices'
+    addresses mean the same to the hosting agent only if it runs on this machine."""
+    from vfmig.cli.agent_client import this_machine
+    from vfmig.cli.via import NoHost, run_via
+    from vfmig.core.options import RunOptions
+    from vfmig.engine.keys import load_key
+
+    store = JournalStore(tmp_path / "hosted") if orchestrate else None
+    identity = this_machine() if machine == "here" else machine
+    a = await cluster.agent(remote_sims, host_runs=store, journal_store=store, machine=identity)
+    b = await cluster.agent(b_sims)
+    src, dst = one_pair(remote_sims, b_sims, a, b)
+    env = Environment(stdout=io.StringIO(), stderr=io.StringIO(), stdout_isatty=False)
+
+    def ask() -> Any:
+        options = RunOptions(precopy=False)
+        key = load_key(key_file)
+        try:
+            return run_via(a.address, env, [src, dst], options, key=key, tls=None, json=True,
+                           journal=None, keep=None, probe=True)  # fmt: skip
+        except NoHost:
+            return None
+
+    answer = await trio.to_thread.run_sync(ask)
+    assert (answer is not None) == hosted
+    if hosted:
+        assert answer[0]["outcome"] == "completed"
+        assert b_sims.dump("b") == remote_sims.image("a")
+    else:
+        assert (remote_sims.state("a"), b_sims.state("b")) == (None, None)  # never opened
+        assert not [line for line in a.log if "for client" in line]
 
 
 async def test_a_journal_that_cannot_be_copied_stays_on_the_agents_host(
@@ -185,7 +217,7 @@ async def test_a_hosted_runs_journal_goes_where_journal_says(
     a, b = await two_agents(cluster, remote_sims, b_sims, tmp_path)
     src, dst = one_pair(remote_sims, b_sims, a, b)
     path = tmp_path / "run.vfj"
-    result = await migrate(key_file, "--journal", str(path), "--json", src, dst)
+    result = await via(key_file, a.address, "--journal", str(path), "--json", src, dst)
     assert result.status == 0, result.stderr
     assert json.loads(result.stdout)["result"]["journal"] == str(path)
     assert run_cli("journal", "verify", str(path)).status == 0

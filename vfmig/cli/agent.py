@@ -175,6 +175,7 @@ def run(args: argparse.Namespace, env: Environment) -> int:
 
     import trio
 
+    from vfmig.cli.agent_client import this_machine
     from vfmig.engine.agent import AgentConfig
     from vfmig.engine.ledger import Ledger, default_path
     from vfmig.journal.runs import RunJournals
@@ -206,6 +207,7 @@ def run(args: argparse.Namespace, env: Environment) -> int:
         ledger=ledger,
         host_runs=store if args.orchestrate else None,
         journal_store=store if journals is not None or args.orchestrate else None,
+        machine=this_machine(),
     )
     try:
         trio.run(_serve, config, journals, host, port)

@@ -15,11 +15,13 @@ becomes a :class:`~vfmig.core.errors.PeerError` that says why.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import select
 import signal
 import socket
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from vfmig.core.errors import PeerError, UsageError, VfmigError
@@ -50,12 +52,12 @@ CONNECT_TIMEOUT: Final = 10.0
 #: A write that takes longer means the agent stopped reading.
 SEND_TIMEOUT: Final = 30.0
 RECEIVE_SIZE: Final = 256 << 10
+#: The host's identity (systemd's; readable by everyone).
+MACHINE_ID: Final = Path("/etc/machine-id")
 
 
 def add_link_arguments(parser: argparse.ArgumentParser, *, key_required: bool) -> None:
     """``--key-file`` and ``--tls-*``: how a command reaches agents (:func:`client_tls`)."""
-    from pathlib import Path
-
     parser.add_argument(
         "--key-file",
         type=Path,
@@ -86,6 +88,16 @@ def client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise UsageError(f"cannot load the TLS files: {exc}") from None
     return context
+
+
+def this_machine(path: Path = MACHINE_ID) -> str | None:
+    """This host's identity as agents report it (``status``): a digest of its machine id
+    (the id itself is not shown), None where there is none."""
+    try:
+        raw = path.read_bytes().strip()
+    except OSError:
+        return None
+    return hashlib.sha256(b"vfmig machine " + raw).hexdigest()[:32] if raw else None
 
 
 class RequestFailed(VfmigError):

@@ -22,12 +22,10 @@ becomes one timeline on this host's clock, the agents' own records in place of t
 copies, and the streams they captured with them.
 
 When every device is on an agent, the first source's agent is asked to run all of this
-(``--via HOST:PORT`` names another); one started with ``--orchestrate`` does, and the
-command is its thin client (:mod:`vfmig.cli.via`, ADR 0010): it imports neither trio nor
-the engine, and copies the run's journal here once the agent has merged it. An agent that
-does not orchestrate answers ``unknown_method``, and the command runs the migration itself
-(so does ``--no-via``). Not when some devices' agents are on loopback and others are not:
-the hosting agent reaches each one at the address given, which must mean the same there.
+(``--via HOST:PORT`` names another); one started with ``--orchestrate`` on this machine
+does, and the command is its thin client (:mod:`vfmig.cli.via`, ADR 0010): it imports
+neither trio nor the engine, and copies the run's journal here once the agent has merged
+it. Otherwise (or with ``--no-via``) the command runs the migration itself.
 
 This module starts fast: trio and the engine are imported only when the command runs, and
 textual never.
@@ -241,28 +239,13 @@ def run(args: argparse.Namespace, env: Environment) -> int:
 
 
 def hosting_agent(pairs: list[tuple[DeviceSpec, DeviceSpec]], refused: bool) -> str | None:
-    """The agent to ask to host the run (the first source's), when it can: every device is
-    on an agent, and their addresses mean the same on that agent's host as here (all on
-    loopback, or none); None if ``refused`` (--no-via)."""
+    """The agent to ask to host the run: the first source's, when every device is on an
+    agent; None if ``refused`` (--no-via). It hosts it only if it runs on this machine
+    (:mod:`vfmig.cli.via`)."""
     addresses = [spec.address for pair in pairs for spec in pair]
     if refused or None in addresses:
         return None
-    local = {_loopback(address) for address in addresses if address is not None}
-    return pairs[0][0].address if len(local) == 1 else None
-
-
-def _loopback(address: str) -> bool:
-    import ipaddress
-
-    from vfmig.core.spec import split_address
-
-    host = split_address(address)[0]
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: the same on every host
+    return addresses[0]
 
 
 def _via(

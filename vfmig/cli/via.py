@@ -9,8 +9,10 @@ This side imports neither trio nor the engine -- the start-up a short migration 
 pays for before its first byte: a blocking control link (:mod:`vfmig.cli.agent_client`)
 carries the ``migrate`` request, the run's events as they come (the progress display on a
 terminal, periodic lines otherwise, nothing with ``--json``: then the events are not even
-asked for), and the answer. Asked without ``--via`` (a *probe*), an agent that does not
-orchestrate answers ``unknown_method``, and any failure before it took the request is
+asked for), and the answer. Asked without ``--via`` (a *probe*), the agent must say
+(``status``) that it orchestrates and runs on this machine -- only then does every device
+address mean the same to it as to this command (a port forwarded to another host's agent
+looks like loopback here) -- and any failure before it took the request is
 :class:`NoHost`: the command then runs the migration itself.
 
 Once the answer is in, the run's journal is copied on the same link (``fetch_journal``:
@@ -31,7 +33,14 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
-from vfmig.cli.agent_client import AgentClient, connect, interrupts, never
+from vfmig.cli.agent_client import (
+    AgentClient,
+    RequestFailed,
+    connect,
+    interrupts,
+    never,
+    this_machine,
+)
 from vfmig.core.errors import ExitStatus, PeerError, VfmigError
 from vfmig.protocol import ErrorResponse, Notification, Response
 
@@ -72,8 +81,8 @@ class RunRefused(VfmigError):
 
 
 class NoHost(Exception):
-    """A probe found no agent to host the run: it does not orchestrate, or could not be
-    reached or authenticated before it took the request (``vfmig migrate`` then runs the
+    """A probe found no agent to host the run: it does not orchestrate, runs on another
+    machine, or could not be reached or authenticated (``vfmig migrate`` then runs the
     migration itself, and reports any failure as it does)."""
 
 
@@ -102,6 +111,9 @@ def run_via(
         with interrupts() as interrupted, connect(address, tls, hint=hint) as sock:
             client = AgentClient(sock, peer, key, name="vfmig migrate", lost_hint=_LOST_HINT)
             client.handshake(interrupted)
+            if probe and not _hosts_here(client, interrupted):
+                client.close()
+                raise NoHost
             params: dict[str, Value] = {
                 "devices": list(devices),
                 "options": options.to_wire(),
@@ -111,9 +123,6 @@ def run_via(
             sent = True
             shown = _Display(env, devices) if not json else None
             answer = _wait(client, migrate, env, shown, interrupted)
-            if probe and isinstance(answer, ErrorResponse) and answer.code == "unknown_method":
-                client.close()
-                raise NoHost
             copy = partial(_copy_journal, client, env, journal, keep, interrupted)
             try:
                 result, closer = _answer(answer, shown, peer)
@@ -132,6 +141,20 @@ def run_via(
         if probe and not sent:
             raise NoHost from None
         raise
+
+
+def _hosts_here(client: AgentClient, interrupted: list[str]) -> bool:
+    """Whether the agent would host the run and runs on this machine, so that every device
+    address means the same to it as to this command (``status``; an agent that predates
+    either answer does not)."""
+    try:
+        status = client.call("status", {}, interrupted)
+    except RequestFailed:
+        return False
+    if not isinstance(status, dict) or status.get("orchestrates") is not True:
+        return False
+    here = this_machine()
+    return here is not None and status.get("machine") == here
 
 
 def _wait(

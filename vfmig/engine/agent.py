@@ -207,6 +207,9 @@ class AgentConfig:
     #: The journal store whose finished journals ``fetch_journal`` serves (the store of
     #: ``journal`` and ``host_runs``); None serves none.
     journal_store: JournalStore | None = None
+    #: This host's identity (``status``), for a client that hosts runs here only when it
+    #: runs on the same machine (:func:`vfmig.cli.agent_client.this_machine`).
+    machine: str | None = None
 
 
 # --- state ------------------------------------------------------------------------------------
@@ -847,7 +850,13 @@ class Agent:
         for run in self.runs.values():
             if wanted is None or run.id == wanted:
                 runs[run.id] = {"verdict": run.answer().value}
-        return {"agent": self.config.name, "devices": devices, "runs": runs}
+        return {
+            "agent": self.config.name,
+            "devices": devices,
+            "runs": runs,
+            "machine": self.config.machine,
+            "orchestrates": self._hosted is not None,
+        }
 
     # --- notifications ----------------------------------------------------------------------
 
