@@ -13,9 +13,10 @@ a fallback did) into ``--journal-dir`` (default: the journal store), one journal
 so a host that lost its orchestrator still has a record; ``--journal-data`` adds the
 streams it receives (``vfmig load`` re-drives them).
 
-With ``--orchestrate`` it also runs whole migrations for thin clients (``vfmig migrate
---via``, :mod:`vfmig.engine.hosted`), journaled into the same directory as ``vfmig
-migrate`` would journal them (the orchestrator's journal, merged with the agents').
+With ``--orchestrate`` it also hosts whole migrations for thin clients (``vfmig migrate``
+on this machine, or ``--via`` from anywhere: :mod:`vfmig.engine.hosted`), journaled into
+the same directory as ``vfmig migrate`` would journal them (the orchestrator's journal,
+merged with the agents'), and copied back to the client.
 Peers with the key can copy the finished journals of that directory (``vfmig journal
 fetch``); with ``--no-journal`` and without ``--orchestrate`` it serves none.
 
@@ -118,9 +119,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     parser.add_argument(
         "--orchestrate",
         action="store_true",
-        help="also run whole migrations for 'vfmig migrate --via' clients (this agent then "
-        "connects to the agents a client names, with its own key and TLS settings); their "
-        "journals go into --journal-dir",
+        help="also host whole migrations for 'vfmig migrate' (run on this machine with this "
+        "agent's device as the first source, or with --via): this agent then connects to "
+        "the agents a client names, with its own key and TLS settings; their journals go "
+        "into --journal-dir and back to the client",
     )
     parser.add_argument(
         "--state-file",

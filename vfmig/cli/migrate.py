@@ -136,7 +136,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="HOST:PORT",
         help="have the agent there run the migration (vfmig agent --orchestrate): this "
         "command then only asks, shows and copies the journal; every device must be on an "
-        "agent (default: the first source's agent when it orchestrates)",
+        "agent (default: the first source's agent, if it orchestrates on this machine)",
     )
     hosting.add_argument(
         "--no-via",
