@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from vfmig.core.errors import PeerError, UsageError, VfmigError
+from vfmig.core.errors import ExitStatus, PeerError, UsageError, VfmigError
 from vfmig.protocol import (
     Config,
     Connection,
@@ -41,7 +41,7 @@ from vfmig.protocol import (
 if TYPE_CHECKING:
     import argparse
     import ssl
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Mapping
 
     from vfmig.protocol import Event, Value
 
@@ -106,6 +106,21 @@ class RequestFailed(VfmigError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class Refused(VfmigError):
+    """An agent's ErrorResponse as a command reports it: the exit status its code means to
+    that command (``statuses``; FAILED otherwise) and what to do (``hints``)."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        statuses: Mapping[str, ExitStatus],
+        hints: Mapping[str, str],
+    ) -> None:
+        super().__init__(message, hint=hints.get(code))
+        self.exit_status = statuses.get(code, ExitStatus.FAILED)
 
 
 class AgentClient:

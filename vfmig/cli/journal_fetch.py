@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 from vfmig.cli.agent_client import (
     AgentClient,
+    Refused,
     RequestFailed,
     client_tls,
     connect,
     interrupts,
 )
-from vfmig.core.errors import ExitStatus, JournalError, PeerError, UsageError, VfmigError
+from vfmig.core.errors import ExitStatus, JournalError, PeerError, UsageError
 from vfmig.journal import parts
 from vfmig.journal.store import JournalStore
 
@@ -44,8 +45,6 @@ if TYPE_CHECKING:
 
     from vfmig.cli.context import Environment
 
-#: The roles whose journals an agent serves: a run it hosted, and its own side of a run.
-ROLES: Final = ("orchestrator", "agent")
 #: Error codes of ``fetch_journal`` -> exit status (anything else: FAILED).
 _EXIT: Final = {
     "bad_params": ExitStatus.USAGE,
@@ -57,14 +56,6 @@ _HINTS: Final = {
     "busy": "fetch it once the run has ended",
     "unknown_method": "the agent predates 'vfmig journal fetch': upgrade it",
 }
-
-
-class FetchRefused(VfmigError):
-    """The agent would not serve the journal (its ErrorResponse, with the exit status)."""
-
-    def __init__(self, message: str, status: ExitStatus, hint: str | None) -> None:
-        super().__init__(message, hint=hint)
-        self.exit_status = status
 
 
 def run(args: argparse.Namespace, env: Environment) -> int:
@@ -157,8 +148,7 @@ def _ask(client: AgentClient, params: dict[str, Any], interrupted: list[str]) ->
     try:
         value = client.call("fetch_journal", params, interrupted)
     except RequestFailed as exc:
-        status = _EXIT.get(exc.code, ExitStatus.FAILED)
-        raise FetchRefused(f"{client.peer}: {exc.message}", status, _HINTS.get(exc.code)) from None
+        raise Refused(exc.code, f"{client.peer}: {exc.message}", _EXIT, _HINTS) from None
     try:
         return parts.from_wire(value)
     except parts.PartError:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from vfmig.cli.agent_client import (
     AgentClient,
+    Refused,
     RequestFailed,
     connect,
     interrupts,
@@ -61,6 +62,7 @@ _EXIT: Final = {
     "refused": ExitStatus.PEER,
     "unknown_method": ExitStatus.PEER,
 }
+_HINTS: Final = {"unknown_method": "start the agent with --orchestrate (vfmig agent --help)"}
 #: What a result must hold for this command to print it.
 _RESULT_SHAPE: Final = {
     "run": str,
@@ -70,14 +72,6 @@ _RESULT_SHAPE: Final = {
     "errors": list,
     "journal": str,
 }
-
-
-class RunRefused(VfmigError):
-    """The agent would not take the run (an ErrorResponse to ``migrate``)."""
-
-    def __init__(self, message: str, status: ExitStatus, hint: str | None) -> None:
-        super().__init__(message, hint=hint)
-        self.exit_status = status
 
 
 class NoHost(Exception):
@@ -218,10 +212,7 @@ def _answer(
     event: Response | ErrorResponse, shown: _Display | None, peer: str
 ) -> tuple[dict[str, Any], Callable[[], None] | None]:
     if isinstance(event, ErrorResponse):
-        hint = None
-        if event.code == "unknown_method":
-            hint = "start the agent with --orchestrate (vfmig agent --help)"
-        raise RunRefused(event.message, _EXIT.get(event.code, ExitStatus.FAILED), hint)
+        raise Refused(event.code, event.message, _EXIT, _HINTS)
     answer = event.result if isinstance(event.result, dict) else {}
     error = answer.get("error")
     if isinstance(error, dict):
