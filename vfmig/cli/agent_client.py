@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-``vfmig migrate --via`` and ``vfmig journal fetch`` talk to one agent and wait for its
+The thin ``vfmig migrate`` and ``vfmig journal fetch`` talk to one agent and wait for its
 answers; the start-up of trio and the engine would cost them more than the work. One
 blocking socket (TLS with ``--tls-*``) drives the sans-IO :class:`~vfmig.protocol.
 Connection`: the handshake authenticated with the shared key, requests, keepalive ticks at

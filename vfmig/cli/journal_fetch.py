@@ -2,8 +2,8 @@
 
 Theory of operation
 -------------------
-A run an agent hosts (``vfmig migrate --via``, ADR 0010) is journaled on that agent's host,
-as every agent's own side of a run is. This command asks the agent for the newest journal
+A run an agent hosts (the thin ``vfmig migrate``, ADR 0010) is journaled on that agent's
+host, as every agent's own side of a run is. This command asks the agent for the newest journal
 ``--role`` wrote for RUN (``fetch_journal``, docs/protocol.md §6), up to 960 KiB per
 answer, over the blocking control link of :mod:`vfmig.cli.agent_client` (no trio). The
 agent serves finished journals only: it waits for a hosted run's merge, and a run still in

@@ -1,9 +1,10 @@
-"""Runs an agent drives for a thin ``vfmig migrate --via`` (``vfmig agent --orchestrate``).
+"""Runs an agent hosts for a thin ``vfmig migrate`` (``vfmig agent --orchestrate``).
 
 Theory of operation
 -------------------
-``vfmig migrate --via HOST:PORT`` (ADR 0010) imports no trio and no engine: it asks the
-agent at that address to run the migration (``migrate``: the device specs and the
+The thin ``vfmig migrate`` (ADR 0010: by default on the source agent's machine, or with
+``--via HOST:PORT``) imports no trio and no engine: it asks the agent to run the
+migration (``migrate``: the device specs and the
 :class:`~vfmig.core.options.RunOptions`) and waits for the answer. The agent then runs the
 very run ``vfmig migrate`` runs in its own process (:func:`~vfmig.engine.journaled.
 run_journaled`): the same orchestrator, phase machine, journal and merge. It reaches each
@@ -17,9 +18,10 @@ a slow client's queue is full its notices are dropped, so the run, and its end, 
 held back by a client that stopped reading. The answer holds the run's report
 (:func:`~vfmig.engine.journaled.report_result`), its summary for the client's display, and
 where its journal is: in this agent's journal store. The agents' journals are merged into
-it right after the answer is sent (24-54 ms of a 512 MiB run the client does not wait
-for); the file at that path is a whole journal before the merge and after it, and a
-``fetch_journal`` of the run (``vfmig journal fetch``) waits for the merge.
+it right after the answer is sent (24-54 ms of a 512 MiB run), so that the outcome
+reaches the client first; the file at that path is a whole journal before the merge and
+after it, and a ``fetch_journal`` of the run -- the client's copy, or ``vfmig journal
+fetch`` -- waits for the merge.
 
 Ownership: the client owns its run. Its ``abort`` (Ctrl-C, SIGTERM) and the loss of its
 control link both abort the run -- before the commit point every device is brought back,
@@ -62,7 +64,7 @@ if TYPE_CHECKING:
     from vfmig.protocol import Value
 
 #: The reason a run is aborted with when its client's link is lost.
-CLIENT_LOST: Final = "the client of the run left (vfmig migrate --via)"
+CLIENT_LOST: Final = "the client of the run left (vfmig migrate)"
 #: How long a fetch of a run's journal waits for its merge (seconds).
 SETTLE_WAIT: Final = 30.0
 

@@ -271,7 +271,7 @@ def parse_verdict(value: Value, run: str) -> Verdict:
         raise WireError(f"unknown verdict in {entry!r:.80}") from None
 
 
-# --- a hosted run's summary (vfmig migrate --via) --------------------------------------------
+# --- a hosted run's summary (the thin vfmig migrate) ------------------------------------------
 
 _DOWNTIME_PARTS = tuple(f.name for f in fields(Downtime))
 
