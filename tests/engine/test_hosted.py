@@ -224,6 +224,24 @@ async def test_a_hosted_runs_journal_goes_where_journal_says(
     assert list(journal_store.iterdir()) == []
 
 
+async def test_a_hosted_runs_journal_joins_the_store_as_any_runs(
+    cluster, remote_sims, b_sims, key_file, tmp_path, journal_store
+) -> None:
+    """Copied into the store, then the store rotated: --keep-journals as for any run."""
+    a, b = await two_agents(cluster, remote_sims, b_sims, tmp_path)
+    runs = []
+    for src, dst in ("a", "b"), ("c", "d"):
+        pair = (
+            remote_sims.spec(src, size=SIZE, at=a.address),
+            b_sims.spec(dst, size=SIZE, image=False, dump=True, at=b.address),
+        )
+        result = await via(key_file, a.address, "--keep-journals", "1", "--json", *pair)
+        assert result.status == 0, result.stderr
+        runs.append(json.loads(result.stdout)["result"])
+    assert [p.name for p in journal_store.iterdir()] == [Path(runs[1]["journal"]).name]
+    assert len(list((tmp_path / "hosted").iterdir())) >= 2  # the agent keeps its own
+
+
 async def test_a_wrong_key_is_refused(cluster, remote_sims, b_sims, tmp_path) -> None:
     from vfmig.engine.keys import create_key
 
