@@ -36,7 +36,7 @@ types: $(STAMP)
 	$(BIN)/mypy -p vfmig
 
 unit: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=10
 
 ## test-kernel: only the real-kernel tier: Debian's 6.12 under QEMU, tests in the guest
 ## (docs/kernel-tier.md; 'make test' runs it too). K=uapi: only guest tests matching -k uapi.
