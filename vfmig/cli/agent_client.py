@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from vfmig.core.errors import ExitStatus, PeerError, UsageError, VfmigError
+from vfmig.core.errors import ExitStatus, PeerError, VfmigError
 from vfmig.protocol import (
     Config,
     Connection,
@@ -39,7 +39,6 @@ from vfmig.protocol import (
 )
 
 if TYPE_CHECKING:
-    import argparse
     import ssl
     from collections.abc import Callable, Iterator, Mapping
 
@@ -56,45 +55,11 @@ RECEIVE_SIZE: Final = 256 << 10
 MACHINE_ID: Final = Path("/etc/machine-id")
 
 
-def add_link_arguments(parser: argparse.ArgumentParser, *, key_required: bool) -> None:
-    """``--key-file`` and ``--tls-*``: how a command reaches agents (:func:`client_tls`)."""
-    parser.add_argument(
-        "--key-file",
-        type=Path,
-        metavar="PATH",
-        required=key_required,
-        help="shared key of the agents (vfmig keygen)",
-    )
-    parser.add_argument("--tls-cert", type=Path, metavar="PATH", help="client certificate (PEM)")
-    parser.add_argument("--tls-key", type=Path, metavar="PATH", help="its private key (PEM)")
-    parser.add_argument(
-        "--tls-ca", type=Path, metavar="PATH", help="CA that signed the agents' certificates"
-    )
-
-
-def client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
-    """A TLS client context from ``--tls-*``, or None for plain TCP."""
-    cert, key, ca = args.tls_cert, args.tls_key, args.tls_ca
-    if cert is None and key is None and ca is None:
-        return None
-    import ssl
-
-    if (cert is None) != (key is None):
-        raise UsageError("--tls-cert and --tls-key go together")
-    try:
-        context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
-        if cert is not None and key is not None:
-            context.load_cert_chain(str(cert), str(key))
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load the TLS files: {exc}") from None
-    return context
-
-
-def this_machine(path: Path = MACHINE_ID) -> str | None:
+def this_machine() -> str | None:
     """This host's identity as agents report it (``status``): a digest of its machine id
     (the id itself is not shown), None where there is none."""
     try:
-        raw = path.read_bytes().strip()
+        raw = MACHINE_ID.read_bytes().strip()
     except OSError:
         return None
     return hashlib.sha256(b"vfmig machine " + raw).hexdigest()[:32] if raw else None

@@ -15,11 +15,12 @@ import socket
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from vfmig.cli.agent_client import add_link_arguments
+from vfmig.cli.link_options import add_link_arguments
 from vfmig.core.diagnose import Diagnoser
 from vfmig.core.errors import ExitStatus, JournalError, UsageError
 from vfmig.core.events import Event, Summary, to_record
 from vfmig.core.view import format_bytes
+from vfmig.journal import parts
 from vfmig.journal.codec import (
     ClosedRecord,
     DataRecord,
@@ -230,8 +231,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     fetch.add_argument("run_id", metavar="RUN", help="the run id (vfmig migrate prints it)")
     fetch.add_argument(
         "--role",
-        choices=("orchestrator", "agent"),
-        default="orchestrator",
+        choices=parts.ROLES,
+        default=parts.ROLES[0],
         help="whose journal of the run (default orchestrator)",
     )
     fetch.add_argument("-o", "--output", metavar="PATH", type=Path, help="default: the store")

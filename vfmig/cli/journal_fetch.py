@@ -28,10 +28,10 @@ from vfmig.cli.agent_client import (
     AgentClient,
     Refused,
     RequestFailed,
-    client_tls,
     connect,
     interrupts,
 )
+from vfmig.cli.link_options import client_tls
 from vfmig.core.errors import ExitStatus, JournalError, PeerError, UsageError
 from vfmig.journal import parts
 from vfmig.journal.store import JournalStore

@@ -36,7 +36,7 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING, Any
 
-from vfmig.cli.agent_client import add_link_arguments, client_tls
+from vfmig.cli.link_options import add_link_arguments, client_tls
 from vfmig.core.errors import UsageError, VfmigError
 from vfmig.core.spec import parse_spec
 

@@ -810,7 +810,7 @@ class Agent:
         run_id = _param(params, "run", str)
         offset = _param(params, "offset", int)
         role = params.get("role") or "orchestrator"
-        if role not in _FETCHED_ROLES:
+        if role not in parts.ROLES:
             raise _AgentError(Code.BAD_PARAMS, f"role must be orchestrator or agent, not {role!r}")
         if not _RUN_ID.fullmatch(run_id):
             raise _AgentError(Code.BAD_PARAMS, f"{run_id!r} is not a run id")
@@ -1234,8 +1234,6 @@ def _timeout(params: dict[str, Value], default: float | None) -> float | None:
     return default
 
 
-#: The journals ``fetch_journal`` serves, by the role in their name.
-_FETCHED_ROLES: Final = ("orchestrator", "agent")
 #: What a run id looks like (a journal's name keeps it as it is).
 _RUN_ID: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 PIECE: Final = 64 << 10
 #: Pieces in one answer: 960 KiB, within a 1 MiB control frame.
 PIECES: Final = 15
+#: Whose journals of a run ``fetch_journal`` serves, by the role in their names: the
+#: journal of a run the agent hosted, and the agent's own side of a run.
+ROLES: Final = ("orchestrator", "agent")
 
 
 class PartError(ValueError):
